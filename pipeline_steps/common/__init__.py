@@ -1,0 +1,1 @@
+"""Code shared by the pipeline steps: configuration, the log contract, models, policies, statistics."""

@@ -1,0 +1,166 @@
+"""One policy interface for everything that suggests a business message.
+
+A policy maps a batch of states (each the conversation history up to the latest customer message)
+to suggestions; ``None`` text is the abstain action. Implementations:
+
+* :class:`LLMPolicy`: a causal LM prompted with the state rendered by
+  :func:`~pipeline_steps.common.contract.render_state` (pi_0 is the prompted base model; later
+  policies are PPO-tuned checkpoints), batched generation.
+* :class:`PersonaExplorationPolicy`: the behaviour policy of the paper's section 3.2: the same LM,
+  with a randomly drawn style (tone, length, emoji, ...) added to its instructions, for action coverage.
+* scripted reference strategies in :mod:`pipeline_steps.world.scripted`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from pipeline_steps.common.contract import ABSTAIN_MARKER, HistoryTurn, render_state
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A policy's output for one state: the text (None = abstain) and behaviour-policy metadata."""
+
+    text: str | None
+    behaviour: dict[str, Any] | None = None
+
+
+class Policy(Protocol):
+    policy_id: str
+    policy_version: str
+
+    def suggest(self, histories: Sequence[Sequence[HistoryTurn]], keys: Sequence[str]) -> list[Suggestion]:
+        """Suggestions for a batch of states; ``keys`` identify conversations (for seeded randomness)."""
+        ...
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed derived from values (not from Python's salted ``hash``), for reproducible sampling."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFFFFFF
+
+
+_ROLE_PREFIX = re.compile(r"^\s*(assistant|business|agent|reply|suggested reply|suggestion)\s*:\s*", re.I)
+
+
+def clean_generation(text: str) -> str | None:
+    """Post-process a raw generation into a suggestion: first paragraph, no role prefix or quotes."""
+    if ABSTAIN_MARKER.lower() in text.lower():
+        return None
+    text = text.strip()
+    text = text.split("\n\n")[0].strip()
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    text = _ROLE_PREFIX.sub("", text)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text or None
+
+
+@dataclass
+class GenerationStats:
+    """Counters for throughput reporting."""
+
+    new_tokens: int = 0
+    generate_seconds: float = 0.0
+    calls: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.generate_seconds if self.generate_seconds else 0.0
+
+
+@dataclass
+class LLMPolicy:
+    """A causal LM that suggests the next business message for a rendered state."""
+
+    model: Any
+    tokenizer: Any
+    system_prompt: str
+    max_prompt_tokens: int
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    policy_id: str = "pi0"
+    policy_version: str = "0"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def prompts(self, histories: Sequence[Sequence[HistoryTurn]], system_prompts: Sequence[str] | None = None) -> list[str]:
+        sps = system_prompts or [self.system_prompt] * len(histories)
+        return [render_state(h, self.tokenizer, sp, self.max_prompt_tokens) for h, sp in zip(histories, sps)]
+
+    def generate(self, prompts: list[str], seed: int) -> list[str]:
+        """Batched sampling of one response per prompt (left padding); returns the decoded new text."""
+        import torch
+
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(seed)
+        do_sample = self.temperature > 0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=do_sample,
+                temperature=self.temperature if do_sample else None,
+                top_p=self.top_p if do_sample else None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        self.stats.generate_seconds += time.perf_counter() - t0
+        new = out[:, enc["input_ids"].shape[1] :]
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.stats.new_tokens += int(((new != pad) & (new != eos)).sum()) + int((new == eos).any(dim=1).sum())
+        self.stats.calls += 1
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def suggest(self, histories: Sequence[Sequence[HistoryTurn]], keys: Sequence[str]) -> list[Suggestion]:
+        prompts = self.prompts(histories)
+        raw = self.generate(prompts, stable_seed(self.seed, *keys, *(len(h) for h in histories)))
+        return [Suggestion(clean_generation(r)) for r in raw]
+
+
+EXPLORATION_STYLES: dict[str, list[str]] = {
+    "tone": ["warm and casual", "formal and precise", "enthusiastic", "calm and reassuring", "direct and brief"],
+    "length": ["one short sentence", "two sentences", "three or four sentences"],
+    "emoji": ["no emoji", "one emoji"],
+    "focus": [
+        "ask a specific question about their project",
+        "answer their question with concrete facts",
+        "propose a concrete next step such as a visit or a call",
+        "show empathy and build rapport",
+        "mention what makes the business a good fit",
+    ],
+}
+
+
+@dataclass
+class PersonaExplorationPolicy(LLMPolicy):
+    """Behaviour policy for action coverage (paper 3.2): a random style per suggestion.
+
+    The style is added to the system prompt for generation only; the logged state is the canonical
+    rendering, and the drawn style is logged in the record's ``behaviour`` metadata.
+    """
+
+    policy_id: str = "explore"
+
+    def suggest(self, histories: Sequence[Sequence[HistoryTurn]], keys: Sequence[str]) -> list[Suggestion]:
+        import random
+
+        styles = []
+        for key, h in zip(keys, histories):
+            r = random.Random(stable_seed(self.seed, key, len(h)))
+            styles.append({k: r.choice(v) for k, v in EXPLORATION_STYLES.items()})
+        sps = [
+            f"{self.system_prompt} Style for this reply: {s['tone']}, {s['length']}, {s['emoji']}; {s['focus']}."
+            for s in styles
+        ]
+        prompts = self.prompts(histories, sps)
+        raw = self.generate(prompts, stable_seed(self.seed, *keys, *(len(h) for h in histories)))
+        return [Suggestion(clean_generation(r), {"persona": s}) for r, s in zip(raw, styles)]
