@@ -70,7 +70,7 @@ class PersonaParams(Section):
 class BusinessParams(Section):
     """The person at the business who sends, edits or replaces the suggestion (paper eq. 2)."""
 
-    accept_bias: float = Field(1.0, description="Logit offset of sending a suggestion at all.")
+    accept_bias: float = Field(1.6, description="Logit offset of sending a suggestion at all.")
     edit_rate: float = Field(0.25, ge=0, le=1, description="Chance an accepted clean suggestion is lightly edited.")
     max_words: int = Field(60, gt=0, description="Suggestions longer than this are trimmed or rejected.")
     stop_rate: float = Field(0.01, ge=0, le=1, description="Chance per turn the business stops replying.")
@@ -124,6 +124,11 @@ class CollectParams(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     seed: int = Field(0, description="Offset added to world.seed, so a test/A-B run can reuse personas.")
     variant: str = Field("control", description="A/B variant label written into every log record.")
+    start_time: str = Field(
+        "2026-01-05T00:00:00Z",
+        description="Start of the simulated week (ISO 8601); conversations start within 7 days of it. "
+        "The Airflow DAG passes its data interval start.",
+    )
 
 
 class Params(Section):

@@ -164,3 +164,49 @@ class PersonaExplorationPolicy(LLMPolicy):
         prompts = self.prompts(histories, sps)
         raw = self.generate(prompts, stable_seed(self.seed, *keys, *(len(h) for h in histories)))
         return [Suggestion(clean_generation(r), {"persona": s}) for r, s in zip(raw, styles)]
+
+
+def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0) -> Policy:
+    """Build the policy a spec names (see ``collect.policy`` in params.yaml for the forms)."""
+    from pipeline_steps.common.contract import system_prompt_for
+
+    c = params.collect
+    if spec.startswith("script:"):
+        from pipeline_steps.world.scripted import ScriptedPolicy
+
+        return ScriptedPolicy(spec.split(":", 1)[1], vertical, seed=seed)
+    if spec in ("pi0", "explore"):
+        model_dir = None
+        policy_id, version = spec, f"{params.base_model.name_or_path}"
+    elif spec.startswith("models:/"):
+        import mlflow
+
+        model_dir = mlflow.artifacts.download_artifacts(artifact_uri=spec)
+        policy_id, version = spec.split("/", 1)[1], spec
+    else:
+        from pathlib import Path
+
+        if not Path(spec).is_dir():
+            raise ValueError(
+                f"collect.policy: '{spec}' is not 'pi0', 'explore', 'script:<name>', a models:/ URI "
+                "or an existing model folder"
+            )
+        model_dir, policy_id, version = spec, Path(spec).name, spec
+    from pipeline_steps.common.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+
+    path = model_dir or resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir)
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, dtype=params.base_model.dtype)
+    cls = PersonaExplorationPolicy if spec == "explore" else LLMPolicy
+    return cls(
+        model=model,
+        tokenizer=tokenizer,
+        system_prompt=system_prompt_for(vertical),
+        max_prompt_tokens=params.prompt.max_prompt_tokens,
+        max_new_tokens=c.max_new_tokens,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        seed=seed,
+        policy_id=policy_id,
+        policy_version=str(version),
+    )

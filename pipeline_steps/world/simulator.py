@@ -276,7 +276,7 @@ class World:
     def send_probability(self, f: MessageFeatures, conv: Conversation | None = None) -> float:
         """How likely the business sends a suggestion (verbatim or edited) rather than its own message."""
         b = self.params.business
-        logit = b.accept_bias + 1.5 * max(0.0, min(f.relevance, 0.6))
+        logit = b.accept_bias + 2.0 * min(f.relevance, 0.0)  # clearly unrelated text is less welcome
         if f.invented_price:
             logit -= 3.0
         if f.promise:

@@ -1,0 +1,64 @@
+"""MLflow tracking that degrades gracefully: local SQLite + local artifacts unless a server is configured.
+
+``MLFLOW_TRACKING_URI`` (or ``--tracking-uri``) points at a server; otherwise runs go to
+``sqlite:///mlflow.db`` in the working directory. Every step also writes its metrics JSON for DVC, so
+``dvc metrics diff`` works without MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "iterative-ppo"
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numeric leaves of a nested dict as ``a.b.c`` keys (what MLflow accepts as metrics)."""
+    flat: dict[str, Any] = {}
+    _flatten("", metrics, flat)
+    return {k.replace("@", "_"): float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@contextlib.contextmanager
+def step_run(step: str, params: dict[str, Any] | None = None, uri: str | None = None, enabled: bool = True) -> Iterator[Any]:
+    """An MLflow run named after the step (one name everywhere), or a no-op when disabled."""
+    if not enabled:
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    with mlflow.start_run(run_name=step, tags={"ippo.step": step}) as run:
+        if params:
+            flat: dict[str, Any] = {}
+            _flatten("", params, flat)
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        yield run
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write a JSON file atomically (a retried step never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

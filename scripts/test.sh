@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set everything up, then run the test suite (tiny models; the real model only where a test is about it).
+# Extra arguments go to pytest. pytest's exit code is kept: 5 ("no tests ran") fails like any other.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest "$@"
