@@ -131,6 +131,112 @@ class CollectParams(Section):
     )
 
 
+def _iso_utc(value: str | None, field: str) -> str | None:
+    """Check an ISO 8601 timestamp with a zone offset (naive times are ambiguous across machines)."""
+    if value is None:
+        return None
+    from datetime import datetime
+
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"{field}: not an ISO 8601 timestamp: {value!r}") from exc
+    if parsed.tzinfo is None:
+        raise ValueError(f"{field}: timestamp {value!r} needs a zone offset (e.g. 'Z' or '+00:00')")
+    return str(value)
+
+
+class IngestParams(Section):
+    """Read conversation logs, keep one iteration's window, de-duplicate, redact PII, write one dataset."""
+
+    format: Literal["auto", "jsonl", "parquet", "dealornodeal"] = Field(
+        "auto",
+        description="Input format: 'auto' (by file extension: .jsonl/.ndjson/.json[.gz] or .parquet), 'jsonl', "
+        "'parquet', or 'dealornodeal' (the Deal-or-No-Deal text dialogues, one per line, imported by an adapter).",
+    )
+    window_start: str | None = Field(
+        None,
+        description="Keep conversations whose first customer message is at or after this time (ISO 8601 with "
+        "zone; null = no lower bound). The Airflow DAG passes its data interval start via --window-start.",
+    )
+    window_end: str | None = Field(
+        None, description="...and strictly before this time (null = no upper bound); --window-end overrides."
+    )
+    late_days: int = Field(
+        2,
+        ge=0,
+        description="Date partitions (hive-style date=YYYY-MM-DD folders) dated up to window_end + late_days are "
+        "read, so conversations that began in the window but ended after it are complete.",
+    )
+    dealornodeal_relation: Literal["verbatim", "abstained"] = Field(
+        "verbatim",
+        description="How a Deal-or-No-Deal YOU message is logged: 'verbatim' (the human negotiator is the "
+        "behaviour policy: suggestion = message, so Q can learn from its actions) or 'abstained' (no SR agent "
+        "existed: suggestion = null).",
+    )
+    dealornodeal_start_time: str = Field(
+        "2017-06-01T00:00:00Z",
+        description="Synthetic clock for Deal-or-No-Deal (the data has no timestamps): line n starts "
+        "10*(n-1) minutes after this, turns are 30 s apart.",
+    )
+
+    @field_validator("window_start", "window_end", "dealornodeal_start_time")
+    @classmethod
+    def _timestamps(cls, value: str | None, info: Any) -> str | None:
+        return _iso_utc(value, info.field_name)
+
+
+class ValidateParams(Section):
+    """The Great Expectations gate on the canonical dataset (fails closed, quarantines bad conversations)."""
+
+    min_conversations: int = Field(
+        8, ge=1, description="Minimum batch size: accepted conversations needed for the batch to pass."
+    )
+    outcome_rate_min: float = Field(
+        0.0, ge=0, le=1, description="Lowest plausible share of accepted conversations with an outcome (o=1)."
+    )
+    outcome_rate_max: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="Highest plausible outcome share; an all-converting batch usually means a broken outcome feed.",
+    )
+    max_text_chars: int = Field(
+        4000, gt=0, description="Upper bound on customer/suggestion/business message length (characters)."
+    )
+    max_turns: int = Field(200, gt=0, description="Upper bound on turn_index (a runaway conversation is a bug).")
+    max_quarantine_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Each row-level expectation tolerates at most this share of failing rows (they are "
+        "quarantined with their conversations); beyond it the whole batch fails closed.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ValidateParams":
+        if self.outcome_rate_min > self.outcome_rate_max:
+            raise ValueError(f"outcome_rate_min ({self.outcome_rate_min}) must be <= outcome_rate_max ({self.outcome_rate_max})")
+        return self
+
+
+class ReturnsParams(Section):
+    """Monte-Carlo returns G_i per logged action (paper Observation 2), the regression targets of Q."""
+
+    gamma: float = Field(0.9, gt=0, lt=1, description="Discount factor gamma < 1 (paper section 2.1).")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of conversations held out for validation (split by conversation)."
+    )
+    split_seed: str = Field(
+        "v1", description="Salt of the conversation hash that assigns the split; change it to draw a new split."
+    )
+    abstain: Literal["keep", "drop"] = Field(
+        "keep",
+        description="Turns where the agent abstained: 'keep' (action_text = the abstain marker, so Q learns the "
+        "value of abstaining) or 'drop' (no row).",
+    )
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -138,6 +244,10 @@ class Params(Section):
     prompt: PromptParams = Field(default_factory=PromptParams)
     world: WorldParams
     collect: CollectParams = Field(default_factory=CollectParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    # The YAML section is `validate` (one name everywhere); the attribute avoids shadowing BaseModel.validate.
+    validation: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    returns: ReturnsParams = Field(default_factory=ReturnsParams)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
