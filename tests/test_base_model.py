@@ -118,7 +118,8 @@ def test_folder_without_config_is_rejected(tmp_path: Path) -> None:
 
 def test_local_folder_and_hub_id_pass_through(tiny_path: Path, tmp_path: Path) -> None:
     assert resolve_base_model(str(tiny_path), tmp_path) == tiny_path
-    assert resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_base_model(hub_id, tmp_path) == hub_id
 
 
 def test_bad_dtype_is_rejected(tiny_path: Path) -> None:
@@ -162,7 +163,9 @@ def test_tiny_is_deterministic(tiny_path: Path, model_cache: Path, tmp_path: Pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_prints_resolved_path(tiny_path: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_resolved_path(
+    tiny_path: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert bm.main(["--name", "tiny-random", "--cache-dir", str(model_cache)]) == 0
     assert capsys.readouterr().out.strip() == str(tiny_path)
     assert bm.main(["--name", "./missing-model", "--cache-dir", str(model_cache)]) == 2

@@ -193,11 +193,11 @@ def _smollm2_tokenizer_and_config(cache_dir: Path):
 
     converted = cache_dir / SMOLLM2_DIR
     if _is_model_dir(converted):
-        kw = dict(local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(converted), **kw), AutoConfig.from_pretrained(str(converted), **kw)
-    gguf = _smollm2_gguf(cache_dir)
-    kw = dict(gguf_file=gguf.name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(str(gguf.parent), **kw), AutoConfig.from_pretrained(str(gguf.parent), **kw)
+        source, kw = str(converted), {"local_files_only": True}
+    else:
+        gguf = _smollm2_gguf(cache_dir)
+        source, kw = str(gguf.parent), {"gguf_file": gguf.name, "local_files_only": True}
+    return AutoTokenizer.from_pretrained(source, **kw), AutoConfig.from_pretrained(source, **kw)
 
 
 def _build_tiny(cache_dir: Path, out: Path) -> None:
@@ -252,7 +252,7 @@ def resolve_base_model(name_or_path: str, cache_dir: str | Path) -> Path | str:
     path = Path(value).expanduser()
     if path.is_dir():
         if not _is_model_dir(path):
-            raise _error(value, f"the folder {path} has no config.json, so it is not a Hugging Face model folder")
+            raise _error(value, f"the folder {path} has no config.json (not a Hugging Face model folder)")
         return path
     if path.exists():
         raise _error(value, f"{path} is a file; expected a Hugging Face model folder")
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline_steps.common.base_model",
         description="Resolve base_model.name_or_path to a cached Hugging Face model folder and print it.",
     )
-    parser.add_argument("--name", default=SMOLLM2_NAME, help=f"'{SMOLLM2_NAME}', '{TINY_NAME}', a folder or hub id")
+    parser.add_argument(
+        "--name", default=SMOLLM2_NAME, help=f"'{SMOLLM2_NAME}', '{TINY_NAME}', a model folder or a hub id"
+    )
     parser.add_argument("--cache-dir", default="models", help="cache folder (base_model.cache_dir)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded models never need a hub

@@ -122,6 +122,7 @@ class CollectParams(Section):
     max_new_tokens: int = Field(48, gt=0, description="Generation budget per suggestion.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.15, ge=1.0, description="Discourages the loops small models fall into.")
     seed: int = Field(0, description="Offset added to world.seed, so a test/A-B run can reuse personas.")
     variant: str = Field("control", description="A/B variant label written into every log record.")
     start_time: str = Field(

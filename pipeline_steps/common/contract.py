@@ -176,17 +176,20 @@ def turns_to_table(turns: Iterable[Turn]) -> pa.Table:
 # --------------------------------------------------------------------------------------------
 
 SYSTEM_PROMPT_TEMPLATE = (
-    "You suggest replies for {business_name}, {business_description}. "
-    "Given the chat so far, write the next message the business should send to the customer: "
-    "one short, friendly, professional message. The business may send, edit or ignore your "
-    "suggestion; you see what it actually sent. If you cannot help, reply exactly {abstain}."
+    "You are an assistant that suggests replies for {business_name}, {business_description}. "
+    "You read a chat between a customer and the business and write the next message the business "
+    "should send to the customer: one or two short sentences, friendly and professional, that move "
+    "the customer toward a concrete next step. The business may send your suggestion as is, edit it, "
+    "or write its own message; the chat shows what it actually sent. If you cannot help, reply "
+    "exactly {abstain}."
 )
+INSTRUCTION = "Write the business's next message to the customer."
 
 _RELATION_NOTE = {
-    "verbatim": "[The business sent your suggestion as is.]",
-    "edited": "[The business edited your suggestion and sent: {m}]",
-    "rejected": "[The business did not use your suggestion and sent: {m}]",
-    "abstained": "[The business wrote its own message: {m}]",
+    "verbatim": "Business (sent your suggestion): {m}",
+    "edited": "Business (edited your suggestion): {m}",
+    "rejected": "Business (ignored your suggestion \"{a}\"): {m}",
+    "abstained": "Business (you abstained): {m}",
 }
 
 
@@ -200,25 +203,32 @@ class HistoryTurn:
     relation: str | None = None
 
 
-def state_messages(history: Sequence[HistoryTurn], system_prompt: str) -> list[dict[str, str]]:
-    """Chat messages for state s_i = history[:-1] completed turns + the latest customer message.
-
-    Past suggestions are the assistant's own turns; what the business actually sent (and how it
-    relates to the suggestion) is told to the assistant before the next customer message, so the state
-    carries both a_j and m_j as eq. (1) requires.
-    """
-    msgs = [{"role": "system", "content": system_prompt}]
-    pending_note = ""
+def transcript_lines(history: Sequence[HistoryTurn]) -> list[str]:
+    """One line per message: customer messages, and what the business sent with its relation to a_j."""
+    lines: list[str] = []
     for j, turn in enumerate(history):
-        user = f"{pending_note}\nCustomer: {turn.customer_message}" if pending_note else f"Customer: {turn.customer_message}"
-        msgs.append({"role": "user", "content": user})
+        lines.append(f"Customer: {turn.customer_message}")
         if j == len(history) - 1:
             break
-        msgs.append({"role": "assistant", "content": turn.suggestion if turn.suggestion is not None else ABSTAIN_MARKER})
         rel = turn.relation or ("abstained" if turn.suggestion is None else "rejected")
         sent = turn.business_message if turn.business_message is not None else "(nothing)"
-        pending_note = _RELATION_NOTE[rel].format(m=sent)
-    return msgs
+        lines.append(_RELATION_NOTE[rel].format(m=sent, a=turn.suggestion or ""))
+    return lines
+
+
+def state_messages(history: Sequence[HistoryTurn], system_prompt: str) -> list[dict[str, str]]:
+    """Chat messages for state s_i: the system prompt and one user turn holding the transcript.
+
+    The transcript carries every past suggestion a_j (verbatim/edited ones are what was sent; an
+    ignored one is quoted) and every message m_j actually sent, as eq. (1) requires. One user turn
+    (rather than alternating roles) keeps small instruction-tuned models from continuing the
+    customer's side or repeating their own earlier turns.
+    """
+    body = "\n".join(transcript_lines(history))
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": f"Chat so far:\n{body}\n\n{INSTRUCTION}"},
+    ]
 
 
 def system_prompt_for(vertical: dict[str, Any]) -> str:

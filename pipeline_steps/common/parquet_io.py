@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,26 +60,26 @@ def write_text(text: str, path: str | Path) -> Path:
     return Path(path)
 
 
-def replace_dir(build: Callable[[Path], None], final: str | Path) -> Path:
-    """Build a folder in a temp folder beside ``final`` and swap it into place (the old one is removed)."""
+@contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success it replaces ``final`` (old content removed).
+
+    Readers see either the old folder or the complete new one, never a half-built one.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        build(tmp)
+        yield tmp
         tmp.chmod(0o755)
+        old = final.with_name(f".{final.name}.{os.getpid()}.old")
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            old.rmdir()
             os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def remove_stale(path: str | Path) -> None:

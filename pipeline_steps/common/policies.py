@@ -45,7 +45,8 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFF
 
 
-_ROLE_PREFIX = re.compile(r"^\s*(assistant|business|agent|reply|suggested reply|suggestion)\s*:\s*", re.I)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_ROLE_PREFIX = re.compile(r"^\s*(assistant|business|agent|reply|suggested reply|suggestion)(\s*\([^)]*\))?\s*:\s*", re.I)
 
 
 def clean_generation(text: str) -> str | None:
@@ -58,6 +59,9 @@ def clean_generation(text: str) -> str | None:
     text = _ROLE_PREFIX.sub("", text)
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
+    # A generation cut by the token budget ends mid-sentence: keep the complete sentences.
+    if text and text[-1] not in ".!?)\"'" and _SENTENCE_END.search(text):
+        text = text[: [m.end() for m in _SENTENCE_END.finditer(text)][-1]].strip()
     return text or None
 
 
@@ -85,6 +89,7 @@ class LLMPolicy:
     max_new_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 0.95
+    repetition_penalty: float = 1.0
     seed: int = 0
     policy_id: str = "pi0"
     policy_version: str = "0"
@@ -110,6 +115,7 @@ class LLMPolicy:
                 temperature=self.temperature if do_sample else None,
                 top_p=self.top_p if do_sample else None,
                 top_k=None,
+                repetition_penalty=self.repetition_penalty,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         self.stats.generate_seconds += time.perf_counter() - t0
@@ -206,6 +212,7 @@ def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0)
         max_new_tokens=c.max_new_tokens,
         temperature=c.temperature,
         top_p=c.top_p,
+        repetition_penalty=c.repetition_penalty,
         seed=seed,
         policy_id=policy_id,
         policy_version=str(version),
