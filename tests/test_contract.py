@@ -67,14 +67,18 @@ def test_state_carries_suggestion_and_sent_message():
     hist = [
         HistoryTurn("I need a new kitchen", "What budget?", "What budget do you have?", "edited"),
         HistoryTurn("About 30k", None, "Thanks!", "abstained"),
+        HistoryTurn("Any news?", "Buy now", "Hello", "rejected"),
         HistoryTurn("When can you start?"),
     ]
     msgs = state_messages(hist, "SYS")
-    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert msgs[2]["content"] == "What budget?"  # a_1
-    assert "What budget do you have?" in msgs[3]["content"]  # m_1
-    assert msgs[4]["content"] == ABSTAIN_MARKER  # a_2 = abstain
-    assert msgs[-1]["content"].endswith("Customer: When can you start?")
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    body = msgs[1]["content"]
+    assert "Customer: I need a new kitchen" in body
+    assert "Business (edited your suggestion): What budget do you have?" in body  # m_1 and its relation to a_1
+    assert "Business (you abstained): Thanks!" in body  # a_2 = abstain
+    assert 'ignored your suggestion "Buy now"): Hello' in body  # a rejected a_3 stays visible
+    assert body.index("Customer: When can you start?") > body.index("Hello")
+    assert "When can you start?" not in body.split("Customer: When can you start?")[1]
 
 
 def test_render_is_deterministic_and_truncates_oldest_first(tokenizer):
@@ -87,7 +91,7 @@ def test_render_is_deterministic_and_truncates_oldest_first(tokenizer):
     assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= budget
     assert "SYS PROMPT" in short and "latest question?" in short
     assert "message number 0 " not in short and "message number 11 " in short  # oldest dropped first
-    assert short.endswith(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True).split("x")[-1])
+    assert short.endswith("<|im_start|>assistant\n")  # generation prompt kept
 
 
 def test_render_cuts_an_overlong_latest_message_from_the_front(tokenizer):

@@ -200,6 +200,10 @@ def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0)
         model_dir, policy_id, version = spec, Path(spec).name, spec
     from pipeline_steps.common.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 
+    if params.base_model.num_threads:
+        import torch
+
+        torch.set_num_threads(params.base_model.num_threads)
     path = model_dir or resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, dtype=params.base_model.dtype)
