@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=300, help="per scripted strategy")
     ap.add_argument("--pi0-conversations", type=int, default=96)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--out", default="benchmarks/results/bench_world.json")
     args = ap.parse_args()
 
@@ -42,6 +43,8 @@ def main() -> None:
     from pipeline_steps.world.simulator import World
 
     params = load_params(args.params)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     world = World(params.world)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}, "arms": {}}
 

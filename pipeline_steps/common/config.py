@@ -243,6 +243,82 @@ class ReturnsParams(Section):
     )
 
 
+class FitQParams(Section):
+    """Fit Q(s, a) ~ G on the returns rows (paper Observation 2): LoRA on the base LM plus a scalar head."""
+
+    max_action_tokens: int = Field(
+        64, gt=0, description="Action tokens kept (the state is already budgeted by prompt.max_prompt_tokens); "
+        "keep >= the PPO step's response length so Q has seen actions as long as the ones it scores.",
+    )
+    lora_r: int = Field(16, gt=0, description="LoRA rank on every linear layer of the backbone.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW peak learning rate (LoRA weights and the score head).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup: float = Field(0.05, ge=0, description="Linear warmup: a fraction of the steps (< 1) or a step count.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    epochs: int = Field(4, gt=0, description="Maximum epochs; early stopping on the validation loss may end sooner.")
+    batch_size: int = Field(8, gt=0, description="Rows per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(2, gt=0, description="Passes per optimiser step (effective batch = product).")
+    eval_batch_size: int = Field(16, gt=0, description="Rows per forward pass when scoring.")
+    early_stopping_patience: int = Field(
+        2, ge=1, description="Stop after this many epochs without a lower validation loss; the best epoch is kept."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Minimum validation-loss drop that counts.")
+    bf16: bool = Field(
+        False, description="bf16 autocast for training (weights stay fp32). Measured by benchmarks/bench_fit_q.py."
+    )
+    max_train_rows: int | None = Field(
+        None, gt=0, description="Train on a seeded sample of at most this many rows (null = all); a CPU budget knob."
+    )
+    calibration_bins: int = Field(10, ge=2, description="Equal-count bins of Q in the reliability plot.")
+    seed: int = Field(42, description="Seed of the head/LoRA initialisation and dropout.")
+    data_seed: int = Field(42, description="Seed of the data order (and of the max_train_rows sample).")
+
+
+class EvaluateParams(Section):
+    """Offline (Theorems 1-2) and A/B evaluation of pi_{i+1} against pi_i (BRIEF section 6)."""
+
+    heldout_states: int = Field(64, gt=0, description="Held-out states (validation split) scored offline.")
+    ab_conversations: int = Field(200, gt=0, description="Conversations per arm of the simulated A/B test.")
+    ab_seed: int = Field(1000, description="Offset to world.seed for A/B personas (distinct from collect's).")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Bootstrap resamples for the improvement CI.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of CIs and tests.")
+    power: float = Field(0.8, gt=0, lt=1, description="Power for the sample size needed to detect the lift.")
+
+
+class OfflineGateParams(Section):
+    """Thresholds of the offline gate (Theorem 2: improvement >= beta*KL - delta - 2*eps_Q)."""
+
+    min_improvement_ci_low: float = Field(
+        0.0, description="Lower 95% bound of E_{pi'}[Q] - E_{pi}[Q] on held-out states must be >= this."
+    )
+    max_kl: float = Field(1.0, ge=0, description="Mean per-token KL(pi' || pi) must be <= this.")
+    max_q_error_p90: float = Field(0.6, ge=0, description="Held-out 90th percentile |Q - G| must be <= this.")
+    min_acceptance: float = Field(0.5, ge=0, le=1, description="Share of suggestions the business would send.")
+    max_mean_words: float = Field(60, gt=0, description="Mean suggestion length (words) must be <= this.")
+    max_abstain_rate: float = Field(0.3, ge=0, le=1, description="Abstain share must be <= this.")
+
+
+class ABGateParams(Section):
+    """Thresholds of the A/B gate (pi' against the champion)."""
+
+    min_lift: float = Field(0.0, description="Absolute conversion lift (point estimate) must be >= this.")
+    require_significant: bool = Field(
+        False, description="True: the lift must be significantly > 0 at alpha. False: only 'not significantly worse'."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+
+class RegisterParams(Section):
+    """MLflow registry names and the promotion gates."""
+
+    policy_model_name: str = Field("ippo-policy", description="Registered model of the SR policies.")
+    q_model_name: str = Field("ippo-q", description="Registered model of the Q-functions.")
+    offline_gate: OfflineGateParams = Field(default_factory=OfflineGateParams)
+    ab_gate: ABGateParams = Field(default_factory=ABGateParams)
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -250,10 +326,13 @@ class Params(Section):
     prompt: PromptParams = Field(default_factory=PromptParams)
     world: WorldParams
     collect: CollectParams = Field(default_factory=CollectParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    registry: RegisterParams = Field(default_factory=RegisterParams, alias="register")
     ingest: IngestParams = Field(default_factory=IngestParams)
     # The YAML section is `validate` (one name everywhere); the attribute avoids shadowing BaseModel.validate.
     validation: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
     returns: ReturnsParams = Field(default_factory=ReturnsParams)
+    fit_q: FitQParams = Field(default_factory=FitQParams)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
