@@ -72,6 +72,25 @@ def check_server(uri: str) -> None:
         raise RegistryError(f"MLflow tracking server unreachable at {uri}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
+def check_linked_runs(items: list[str], uri: str) -> dict[str, str]:
+    """Upstream runs (NAME=RUN_ID) must exist before anything is registered."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    out = {}
+    for item in items:
+        name, _, run_id = item.partition("=")
+        if not run_id:
+            raise RegistryError(f"--link-run expects NAME=RUN_ID, got '{item}'")
+        try:
+            client.get_run(run_id)
+        except MlflowException as exc:
+            raise RegistryError(f"linked {name} run '{run_id}' does not exist at {uri}") from exc
+        out[f"run.{name}"] = run_id
+    return out
+
+
 def register(
     params: Params,
     policy_dir: Path,
@@ -196,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-metrics", help="validate's metrics JSON (the GX result), for lineage.")
     p.add_argument("--evidence", nargs="*", default=[], help="Extra files (plots, samples) logged with the version.")
     p.add_argument("--data", nargs="*", default=[], help="Lineage inputs as NAME=PATH (hashed like DVC).")
+    p.add_argument("--link-run", nargs="*", default=[], help="Upstream MLflow runs as NAME=RUN_ID (checked, tagged).")
     p.add_argument("--iteration", type=int, help="Iteration number (default: previous + 1).")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
     p.add_argument("--out", default="metrics/register.json")
@@ -218,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         uri = tracking_uri(args.tracking_uri)
         if uri.startswith("http"):
             check_server(uri)
+        lineage.update(check_linked_runs(args.link_run, uri))
         evidence = [Path(p) for p in [args.evaluate_metrics, args.fit_q_metrics, *([args.validate_metrics] if args.validate_metrics else []), *args.evidence]]
         result = register(params, Path(args.policy), Path(args.q_model), evaluate_metrics, fit_q_metrics, validate_metrics,
                           lineage, args.iteration, evidence, uri)

@@ -194,12 +194,21 @@ def current_champion(name: str, tracking_uri: str | None = None) -> str | None:
 def status(name: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """One row per version: aliases, gates, approval, iteration."""
     client = _client(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model '{name}': {exc.message}") from exc
+    by_version: dict[str, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(str(v), []).append(alias)
     rows = []
     for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
         rows.append(
             {
                 "version": mv.version,
-                "aliases": ",".join(getattr(mv, "aliases", []) or []),
+                "aliases": ",".join(sorted(by_version.get(str(mv.version), []))),
                 "gates": mv.tags.get(TAG_GATES, ""),
                 "approval": mv.tags.get(TAG_APPROVAL, ""),
                 "reviewer": mv.tags.get(TAG_REVIEWER, ""),
