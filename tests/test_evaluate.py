@@ -1,0 +1,97 @@
+"""evaluate: offline Theorem 1/2 quantities and the A/B test, on the tiny model end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline_steps import evaluate
+from pipeline_steps.common.contract import history_from_records, render_state, system_prompt_for
+
+
+@pytest.fixture()
+def tiny_q(tmp_path, tiny_model_dir):
+    """A Q scorer of the tiny architecture (random head): enough to exercise the plumbing."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline_steps.common.base_model import load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    out = tmp_path / "scorer"
+    model.save_pretrained(out)
+    load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def returns_file(tmp_path, world, tokenizer, params):
+    from pipeline_steps.world.scripted import ScriptedPolicy
+
+    convs = world.run(ScriptedPolicy("random", world.vertical), 12, seed=3, batch_size=12)
+    sp = system_prompt_for(world.vertical)
+    rows = []
+    for c in convs:
+        for i, r in enumerate(c.records):
+            if r["relation"] is None:
+                continue
+            rows.append({"state_text": render_state(history_from_records(c.records[: i + 1]), tokenizer, sp, params.prompt.max_prompt_tokens),
+                         "action_text": r["suggestion"] or "[ABSTAIN]", "G": float(c.converted), "outcome": int(c.converted),
+                         "conversation_id": c.conversation_id, "turn_index": r["turn_index"],
+                         "split": "validation" if c.index % 2 else "train"})
+    path = tmp_path / "returns.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_evaluate_end_to_end_on_tiny_models(tmp_path, tiny_params_file, tiny_model_dir, tiny_q, returns_file):
+    import yaml
+
+    data = yaml.safe_load(tiny_params_file.read_text())
+    data["evaluate"].update(heldout_states=6, ab_conversations=6, bootstrap_resamples=200)
+    tiny_params_file.write_text(yaml.safe_dump(data))
+    fq = tmp_path / "fit_q.json"
+    fq.write_text(json.dumps({"q_error_p90": 0.4, "q_error_mean": 0.2}))
+    metrics = evaluate.main(["--params", str(tiny_params_file), "--baseline", str(tiny_model_dir), "--candidate", str(tiny_model_dir),
+                             "--q-model", str(tiny_q), "--returns", str(returns_file), "--fit-q-metrics", str(fq),
+                             "--metrics", str(tmp_path / "evaluate.json"), "--samples", str(tmp_path / "samples.json"),
+                             "--plots", str(tmp_path / "plots"), "--no-mlflow"])
+    off, ab = metrics["offline"], metrics["ab"]
+    assert off["states"] == 6 and off["q_error_p90"] == 0.4
+    # Same weights, same seed: the candidate is the baseline, so the KL is 0 and the improvement is 0.
+    assert off["kl_per_token"] == pytest.approx(0.0, abs=1e-5)
+    assert off["improvement"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert set(off["guardrails"]["candidate"]) == {"acceptance", "mean_words", "abstain_rate"}
+    assert ab["control"]["trials"] == ab["treatment"]["trials"] == 6 and ab["mode"] == "world"
+    assert (tmp_path / "plots" / "ab_conversion.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "evaluate.json").read_text())["ab"]["p_value"] == ab["p_value"]
+
+
+def test_paired_improvement_ci_brackets_the_mean():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.3, 0.1, 200)
+    cand = base + 0.05 + rng.normal(0, 0.02, 200)
+    r = evaluate.paired_improvement(cand, base, 1000, 0.05)
+    assert r["ci_low"] < r["mean"] < r["ci_high"] and r["ci_low"] > 0.04 and r["ci_high"] < 0.06
+
+
+def test_ab_from_production_logs(tmp_path, params):
+    """Production mode: the arms come from the logs' variant column."""
+    rows = []
+    for k in range(40):
+        variant = "control" if k % 2 else "treatment"
+        converted = (k % 4 == 0)  # treatment arm: every other conversation converts; control: none
+        rows.append({"conversation_id": f"c{k}", "turn_index": 1, "outcome": 0, "variant": variant})
+        rows.append({"conversation_id": f"c{k}", "turn_index": 2, "outcome": int(converted), "variant": variant})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "logs.parquet")
+    ab, curves = evaluate.ab_from_logs(params, tmp_path / "logs.parquet", "control", "treatment")
+    assert ab["control"]["rate"] == 0.0 and ab["treatment"]["rate"] == 0.5 and ab["p_value_better"] < 0.01
+    assert curves["treatment"][1] == 0.5
+    with pytest.raises(ValueError, match="no conversations with variant 'nope'"):
+        evaluate.ab_from_logs(params, tmp_path / "logs.parquet", "nope", "treatment")
