@@ -140,5 +140,84 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# --- the end-of-iteration summary (scripts/main.sh ends with it) ----------------------------------
+
+
+@app.command()
+def summary(
+    workspace: str = typer.Option(".", "--workspace", help="Folder holding metrics/ (the DVC workspace or an Airflow runs/<date>/)."),
+    model: str = MODEL_OPT,
+    tracking_uri: str = URI_OPT,
+) -> None:
+    """One iteration at a glance: pi_i vs pi_{i+1} (A/B conversion with 95% CIs), the gates, registered versions."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline_steps.common.tracking import tracking_uri as resolve_uri
+
+    m = Path(workspace) / "metrics"
+
+    def read(name: str) -> dict:
+        f = m / f"{name}.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def ci(d: dict) -> str:
+        return f"{d['rate']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}] (n={d.get('trials', '?')})" if d else "-"
+
+    console = Console()
+    col, ev, fq, reg = read("collect"), read("evaluate"), read("fit_q"), read("register")
+    t = Table(title="Iterative PPO: this iteration", show_header=False)
+    if col:
+        t.add_row("pi_i in the logged week (collect)", ci(col.get("conversion", {})))
+    if ev:
+        ab, off = ev["ab"], ev["offline"]
+        pols = ev.get("policies", {})
+        t.add_row(f"A/B control pi_i ({pols.get('baseline', '?')})", ci(ab["control"]))
+        t.add_row(f"A/B treatment pi_i+1 ({pols.get('candidate', '?')})", ci(ab["treatment"]))
+        t.add_row("lift (95% CI), p", f"{ab['lift_abs']:+.3f} [{ab['lift_ci_low']:+.3f}, {ab['lift_ci_high']:+.3f}], p = {ab['p_value']:.3g}")
+        imp = off["improvement"]
+        t.add_row("offline E[Q'] - E[Q] (95% CI)", f"{imp['mean']:+.4f} [{imp['ci_low']:+.4f}, {imp['ci_high']:+.4f}]")
+        t.add_row("KL(pi_i+1 || pi_i) per token", f"{off['kl_per_token']:.4f}")
+    if fq.get("q_error_p90") is not None:
+        t.add_row("held-out |Q - G| p90", f"{fq['q_error_p90']:.3f}")
+    if reg:
+        g = reg["gates"]
+        verdict = "PASSED (alias challenger, awaiting reviewer approval)" if g["passed"] else "FAILED: " + "; ".join(g["reasons"])
+        t.add_row("gates (offline, A/B)", f"{'pass' if g['offline'] else 'fail'}, {'pass' if g['ab'] else 'fail'} -> {verdict}")
+        t.add_row("registered", f"{reg['policy']['name']} v{reg['policy']['version']} (iteration {reg['iteration']}), "
+                                f"{reg['q_model']['name']} v{reg['q_model']['version']}")
+    if not t.row_count:
+        typer.echo(f"no metrics under {m} yet (run `dvc repro` first)", err=True)
+        raise typer.Exit(1)
+    console.print(t)
+    uri = resolve_uri(tracking_uri)
+    try:
+        from pipeline_steps.common import registry
+
+        rows = registry.status(model, uri)
+    except Exception as exc:  # no registry yet, or a server that is down: the summary above still stands
+        typer.echo(f"(registry {uri}: {exc})")
+        rows = []
+    if rows:  # the learning curve across iterations: each version's A/B lift over the policy it was tested against
+        from mlflow import MlflowClient
+
+        tags = {mv.version: mv.tags for mv in MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(f"name='{model}'")}
+        h = Table(title=f"{model}: every iteration")
+        for c in ("iteration", "version", "A/B lift [95% CI]", "aliases", "gates", "approval", "reviewer"):
+            h.add_column(c)
+        for r in rows:
+            lift = json.loads(tags.get(r["version"], {}).get("ippo.ab_lift", "{}") or "{}")
+            shown = f"{lift['lift_abs']:+.3f} [{lift['lift_ci_low']:+.3f}, {lift['lift_ci_high']:+.3f}]" if lift else "-"
+            h.add_row(str(r["iteration"]), str(r["version"]), shown, *(str(r[c]) for c in ("aliases", "gates", "approval", "reviewer")))
+        console.print(h)
+    if reg and reg["gates"]["passed"]:
+        v = reg["policy"]["version"]
+        typer.echo(f"review: ippo approve {v} --reviewer <you>   then: ippo promote {v}")
+    typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)" if uri.startswith("sqlite")
+               else f"MLflow UI: {uri}")
+
+
 if __name__ == "__main__":
     app()

@@ -67,33 +67,35 @@ class ReturnsError(ValueError):
 
 
 def discounted_returns(turns: pl.DataFrame, gamma: float) -> pl.DataFrame:
-    """Add ``G`` and ``final_outcome`` to every record (window functions over conversations, no Python loop).
+    """Add ``G`` and ``final_outcome`` to every record: column expressions over the whole table, no Python loop.
 
     ``G_i = sum_j gamma^j o_{i+j+1}``; with the outcome only on the last record ``T`` (a validated log)
-    that is ``gamma^(T-i-1) * o_T``. The precondition is checked, so unvalidated input fails loudly
-    instead of producing wrong targets.
+    that is ``gamma^(T-i-1) * o_T``. ``turns`` must be sorted by conversation and turn, so a conversation is
+    a run of rows and ``T``/``o_T`` are back-filled from its last row (cheaper than a hash group-by). The
+    preconditions are checked, so unvalidated input fails loudly instead of producing wrong targets.
     """
-    conv = "conversation_id"
+    conv, turn, outcome = pl.col("conversation_id"), pl.col("turn_index"), pl.col("outcome")
     df = turns.with_columns(
-        _last=pl.col("turn_index").max().over(conv),
-        _n=pl.len().over(conv),
-        final_outcome=pl.col("outcome").max().over(conv).cast(pl.Int8),
+        _first=(conv != conv.shift(1)).fill_null(True),
+        _final=(conv != conv.shift(-1)).fill_null(True),
     )
-    bad = df.filter(
-        ((pl.col("outcome") == 1) & (pl.col("turn_index") != pl.col("_last")))
-        | (pl.col("_last") != pl.col("_n").cast(pl.Int32))
-        | ~pl.col("outcome").is_in([0, 1])
-    )
+    contiguous = pl.when("_first").then(turn == 1).otherwise(turn == turn.shift(1) + 1)
+    bad = df.filter(~contiguous.fill_null(False) | ((outcome == 1) & ~pl.col("_final")) | ~outcome.is_in([0, 1]).fill_null(False))
     if bad.height:
         r = bad.row(0, named=True)
         raise ReturnsError(
-            f"conversation {r[conv]} turn {r['turn_index']}: rule 'validated_input' violated: outcomes must be 0/1 "
-            "and only on the last record, turn indices contiguous from 1 (run the validate step first)"
+            f"conversation {r['conversation_id']} turn {r['turn_index']}: rule 'validated_input' violated: records "
+            "must be sorted by conversation and turn with turn indices 1, 2, ..., and outcomes 0/1 only on the last "
+            "record (run the validate step first)"
         )
-    exponent = (pl.col("_last") - pl.col("turn_index") - 1).cast(pl.Float64)
+    df = df.with_columns(
+        _last=pl.when("_final").then(turn).backward_fill(),
+        final_outcome=pl.when("_final").then(outcome).backward_fill().cast(pl.Int8),
+    )
+    exponent = (pl.col("_last") - turn - 1).cast(pl.Float64)
     return df.with_columns(
         G=pl.when(pl.col("final_outcome") == 1).then(pl.lit(gamma, pl.Float64).pow(exponent)).otherwise(pl.lit(0.0))
-    ).drop("_last", "_n")
+    ).drop("_first", "_final", "_last")
 
 
 def split_of(conversation_id: str, validation_fraction: float, seed: str) -> str:

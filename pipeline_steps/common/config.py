@@ -276,6 +276,84 @@ class FitQParams(Section):
     data_seed: int = Field(42, description="Seed of the data order (and of the max_train_rows sample).")
 
 
+class PPOTuneParams(Section):
+    """Policy improvement pi_i -> pi_{i+1}: single-turn RL with Q_i as the reward (Algorithm 1, steps 6-7).
+
+    One *episode* is one (prompt, sampled response) pair scored by Q. Field names follow TRL's PPOConfig; for
+    'rloo'/'grpo' the equivalent TRL field is named in the description.
+    """
+
+    algorithm: Literal["ppo", "rloo", "grpo"] = Field(
+        "ppo",
+        description="Single-turn improver (Theorem 1 holds for any): 'ppo' (trl.experimental.ppo.PPOTrainer, reward "
+        "model = Q, value model initialised from Q), 'rloo' (trl.RLOOTrainer) or 'grpo' (trl.GRPOTrainer), both "
+        "with Q wrapped as a reward function.",
+    )
+    kl_coef: float = Field(
+        0.05, ge=0, description="beta: KL penalty to pi_i (Theorem 2). PPO: kl_coef; RLOO/GRPO: beta."
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="PPO's per-token KL estimator in the reward (k1 = log pi - log pi_ref; k3 = lower variance)."
+    )
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate of the LoRA weights (and PPO's value model).")
+    total_episodes: int = Field(128, gt=0, description="Episodes to train on (prompts are cycled when fewer).")
+    per_device_train_batch_size: int = Field(
+        8, gt=0, description="Episodes per forward/backward pass; times gradient_accumulation_steps = episodes per "
+        "rollout batch (one PPO update; for RLOO/GRPO, completions per optimiser step)."
+    )
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Passes per rollout batch / optimiser step.")
+    num_mini_batches: int = Field(1, gt=0, description="PPO: minibatches per rollout batch (one optimiser step each).")
+    num_ppo_epochs: int = Field(
+        4, gt=0, description="Passes over each rollout batch. PPO: num_ppo_epochs; RLOO/GRPO: num_iterations."
+    )
+    local_rollout_forward_batch_size: int = Field(
+        8, gt=0, description="PPO: sequences per no-grad forward/generate call during rollouts (a memory knob)."
+    )
+    response_length: int = Field(
+        48, gt=0, description="Maximum response tokens (keep <= fit_q.max_action_tokens). PPO: response_length; "
+        "RLOO/GRPO: max_completion_length.",
+    )
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature of rollouts (and of the held-out check).")
+    missing_eos_penalty: float | None = Field(
+        0.1, ge=0, description="Subtracted from Q when a response hits response_length without EOS (null = none)."
+    )
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip. PPO: cliprange; RLOO/GRPO: epsilon.")
+    vf_coef: float = Field(0.1, ge=0, description="PPO: weight of the value loss.")
+    cliprange_value: float = Field(0.2, gt=0, description="PPO: value prediction clip.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda over the response tokens.")
+    whiten_rewards: bool = Field(False, description="PPO: whiten rewards per batch (needs >= 8 episodes per minibatch).")
+    num_generations: int = Field(
+        4, ge=2, description="RLOO/GRPO: completions per prompt (the group of the leave-one-out / group baseline)."
+    )
+    lora_r: int = Field(16, gt=0, description="LoRA rank on the policy; pi_i itself stays frozen (the KL reference).")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (TRL disables dropout in PPO models anyway).")
+    lora_target_modules: str = Field("all-linear", description="peft target_modules: 'all-linear' or a comma list.")
+    bf16: bool = Field(False, description="bf16 autocast (weights stay fp32); measured by benchmarks/bench_ppo.py.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (TRL's default is on; off is faster on CPU).")
+    seed: int = Field(0, description="Seed of LoRA init, prompt order and sampling.")
+    eval_states: int = Field(32, gt=0, description="Held-out states (validation split) for the Theorem 1 check.")
+    eval_samples_per_state: int = Field(2, gt=0, description="Responses sampled per held-out state from each policy.")
+    eval_batch_size: int = Field(8, gt=0, description="Sequences per generate/forward call in the held-out check.")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Resamples of the paired bootstrap CI.")
+    sample_rows: int = Field(8, ge=0, description="Held-out states shown in the before/after generations table.")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "PPOTuneParams":
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.algorithm == "ppo" and batch % self.num_mini_batches:
+            raise ValueError(
+                f"per_device_train_batch_size * gradient_accumulation_steps ({batch}) must be a multiple of "
+                f"num_mini_batches ({self.num_mini_batches})"
+            )
+        if self.algorithm != "ppo" and batch % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size * gradient_accumulation_steps ({batch}) must be a multiple of "
+                f"num_generations ({self.num_generations}) for {self.algorithm}"
+            )
+        return self
+
+
 class EvaluateParams(Section):
     """Offline (Theorems 1-2) and A/B evaluation of pi_{i+1} against pi_i (BRIEF section 6)."""
 
@@ -319,6 +397,73 @@ class RegisterParams(Section):
     ab_gate: ABGateParams = Field(default_factory=ABGateParams)
 
 
+class OrchestrationParams(Section):
+    """How the Airflow DAG ``iterative_ppo`` runs the steps (DVC ignores this section).
+
+    The DAG reads no file at parse time: these values are generated into ``dags/iterative_ppo.py`` by
+    ``python -m pipeline_steps.common.step_commands write``; the environment can override them at parse time
+    (``IPPO_EXECUTOR``, or ``IPPO_ORCHESTRATION`` = a JSON object of these keys).
+    """
+
+    executor: Literal["local", "docker", "kubernetes"] = Field(
+        "local",
+        description="'local': each task runs `python -m pipeline_steps.<step>` as a subprocess of the Airflow worker "
+        "(development, tests); 'docker': a DockerOperator container of `image`; 'kubernetes': a KubernetesPodOperator pod.",
+    )
+    policy: str = Field(
+        "auto",
+        description="pi_i of a DAG run (the trigger form's collect.policy): 'auto' = models:/<register.policy_model_name>"
+        "@champion when the registry has a champion, else collect.policy (pi0 on the first iteration); or any collect.policy form.",
+    )
+    schedule: str = Field("0 6 * * 1", description="Cron (UTC); one run per data interval (a week of logs).")
+    start_date: str = Field("2026-01-05", description="First data interval start (ISO date).")
+    image: str = Field("iterative-ppo:gpu", description="Step image (docker/Dockerfile.gpu) for docker/kubernetes.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
+    workdir: str = Field(
+        "/opt/ippo/work",
+        description="Where runs/<interval start>/ live inside the containers: a PVC (kubernetes) or volume (docker) mount.",
+    )
+    app_dir: str = Field("/opt/ippo/app", description="Where the image keeps params.yaml (the base of each run's params).")
+    model_cache: str = Field(
+        "/opt/ippo/models", description="base_model.cache_dir inside the image (the base model is baked in at build)."
+    )
+    gpus: int = Field(1, ge=0, description="GPUs per task of a step that runs a language model (collect, fit_q, ppo_tune, evaluate).")
+    cpu: str = Field("4", description="CPU request per step (kubernetes).")
+    memory: str = Field("16Gi", description="Memory request and limit per step (kubernetes).")
+    namespace: str = Field("ippo", description="Kubernetes namespace of the step pods.")
+    service_account: str | None = Field(None, description="Kubernetes service account of the pods (e.g. IRSA for S3).")
+    node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"}, description="Node selector of GPU step pods."
+    )
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="Tolerations of GPU step pods (V1Toleration fields).",
+    )
+    volume_claim: str = Field("ippo-runs", description="PVC (ReadWriteMany) mounted at workdir in every pod.")
+    secret: str | None = Field(
+        "ippo-credentials", description="Kubernetes secret whose keys become env vars (AWS_*, MLFLOW_TRACKING_*); null = none."
+    )
+    docker_url: str = Field("unix://var/run/docker.sock", description="Docker daemon of the DockerOperator.")
+    docker_volume: str = Field("ippo-runs", description="Docker named volume mounted at workdir in every container.")
+    docker_network: str | None = Field(None, description="Docker network of the step containers (compose: ippo).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Tracking/registry URI of the steps and the approval sensor (null = MLFLOW_TRACKING_URI, else "
+        "sqlite:///<workdir>/mlflow.db).",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment of every step (e.g. AWS_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL)."
+    )
+    retries: int = Field(2, ge=0, description="Retries per task (exponential backoff from retry_delay_minutes).")
+    retry_delay_minutes: float = Field(5, gt=0)
+    max_retry_delay_minutes: float = Field(60, gt=0)
+    execution_timeout_hours: float = Field(8, gt=0, description="Per-task limit.")
+    approval_timeout_hours: float = Field(
+        144, gt=0, description="How long the approval sensor waits for the reviewer before the run fails (< a week)."
+    )
+    approval_poke_seconds: int = Field(600, gt=0, description="How often the sensor reads the version's ippo.approval tag.")
+    alert_email: str | None = Field(None, description="Also e-mail task failures here (Airflow SMTP connection).")
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -333,6 +478,8 @@ class Params(Section):
     validation: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
     returns: ReturnsParams = Field(default_factory=ReturnsParams)
     fit_q: FitQParams = Field(default_factory=FitQParams)
+    ppo_tune: PPOTuneParams = Field(default_factory=PPOTuneParams)
+    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:

@@ -1,0 +1,368 @@
+"""Benchmark of fit_q (issue #4) with the real SmolLM2-135M on CPU. Prints tables; writes JSON.
+
+    .venv/bin/python benchmarks/bench_fit_q.py                      # defaults: < 15 min on 2 cores
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 1 --dnd-train-rows 128   # a busy machine
+
+1. **Deal-or-No-Deal** (``/work/shared/data/dealornodeal/val.txt`` through the ingest adapter: agent = YOU,
+   outcome = a deal was reached), rows built by the returns step's code, split *by dialogue* (the corpus
+   holds every dialogue twice, once from each side; both copies land on the same side of the split).
+2. **World logs** from a mix of scripted strategies (expert, friendly-generic, premature-pitch, random),
+   rows from the returns step, split by conversation.
+
+On each: held-out ROC-AUC for the final outcome of our Q against two baselines trained on the same rows
+-- TF-IDF (1-2 grams of state + action) with logistic regression on the outcome, and the outcome rate by
+turn index -- with a paired bootstrap 95% CI of AUC(Q) - AUC(best baseline) (target: >= +0.05), plus
+Spearman(Q, G), MSE and p90 |Q - G|.
+
+3. **Throughput**: the Deal-or-No-Deal Q is trained twice, fp32 and with bf16 autocast (same rows, seed,
+   budget), so speed *and* quality of the two are compared side by side; the world Q uses the faster one
+   unless bf16 costs quality. Tokens/s counts real (non-pad) tokens over the timed optimisation steps
+   (evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured
+   in the same run and at the same thread count, two ways:
+   * ``MFU 6N``: the usual 6 * N * tokens, N = the non-embedding parameters (every backbone linear layer
+     and the head; embedding lookups are not matmuls). It overstates the work of LoRA training, where the
+     frozen weights get no weight gradients;
+   * ``MFU exec``: the FLOPs actually executed: forward 2N + attention 4*L*d*T per token, backward ~ the
+     same again for the activation gradients (the LoRA weight gradients are negligible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DND_FILE = "/work/shared/data/dealornodeal/val.txt"
+DND_SYSTEM_PROMPT = (
+    "You suggest the next message for YOU, who negotiates with THEM over how to split books, hats and balls."
+)
+STRATEGIES = ("expert", "friendly_generic", "premature_pitch", "random")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+def dnd_returns(params: Any, tokenizer: Any, val_fraction: float) -> Any:
+    """Deal-or-No-Deal returns rows (ingest adapter + returns code), re-split by dialogue."""
+    import polars as pl
+
+    from pipeline_steps import ingest, returns
+    from pipeline_steps.common.config import IngestParams
+
+    canon, _, _ = ingest.ingest(DND_FILE, IngestParams(format="dealornodeal"))
+    table = returns.build_returns(pl.from_arrow(canon), params, tokenizer, DND_SYSTEM_PROMPT)
+    # One key per dialogue: its messages without the adapter's placeholders, order-free, so the copy of a
+    # dialogue seen from THEM's side gets the same key.
+    skip = {ingest.DND_OPENING, ingest.DND_SELECTION, None}
+    msgs: dict[str, list[str]] = {}
+    for r in pl.from_arrow(canon).select("conversation_id", "customer_message", "business_message").iter_rows():
+        msgs.setdefault(r[0], []).extend(m for m in r[1:] if m not in skip)
+    key = {cid: "\x1f".join(sorted(m)) for cid, m in msgs.items()}
+
+    def side(cid: str) -> str:
+        h = int.from_bytes(hashlib.sha256(key[cid].encode()).digest()[:8], "big") / 2**64
+        return "validation" if h < val_fraction else "train"
+
+    df = pl.from_arrow(table).with_columns(pl.col("conversation_id").map_elements(side, return_dtype=pl.String).alias("split"))
+    n_dialogues = len(set(key.values()))
+    return df, {"conversations": len(key), "dialogues": n_dialogues}
+
+
+def world_returns(params: Any, tokenizer: Any, per_strategy: int) -> Any:
+    import polars as pl
+
+    from pipeline_steps import returns
+    from pipeline_steps.common.contract import system_prompt_for, turns_to_table
+    from pipeline_steps.world.scripted import ScriptedPolicy
+    from pipeline_steps.world.simulator import World, conversations_to_turns
+
+    world = World(params.world)
+    convs = []
+    for k, name in enumerate(STRATEGIES):
+        convs += world.run(ScriptedPolicy(name, world.vertical, seed=k), per_strategy, seed=params.world.seed + 7,
+                           batch_size=64, first_index=per_strategy * k)
+    table = returns.build_returns(pl.from_arrow(turns_to_table(conversations_to_turns(convs))), params, tokenizer,
+                                  system_prompt_for(world.vertical))
+    return pl.from_arrow(table), {"conversations": len(convs)}
+
+
+def sample(df: Any, n_train: int, n_val: int, seed: int) -> tuple[Any, Any]:
+    """Seeded row samples of each side of the split (sizes capped by what exists)."""
+    tr, va = df.filter(df["split"] == "train"), df.filter(df["split"] == "validation")
+    return (tr.sample(min(n_train, tr.height), seed=seed, shuffle=True),
+            va.sample(min(n_val, va.height), seed=seed + 1, shuffle=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines and statistics
+# ------------------------------------------------------------------------------------------------
+
+
+def tfidf_baseline(train: Any, val: Any) -> Any:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    def text(df):
+        return [f"{s} ||| {a}" for s, a in zip(df["state_text"].to_list(), df["action_text"].to_list())]
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    x = vec.fit_transform(text(train))
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(x, train["outcome"].to_numpy())
+    return clf.predict_proba(vec.transform(text(val)))[:, 1]
+
+
+def turn_rate_baseline(train: Any, val: Any) -> Any:
+    import numpy as np
+
+    y, t = train["outcome"].to_numpy(), train["turn_index"].to_numpy()
+    rates = {int(k): float(y[t == k].mean()) for k in np.unique(t)}
+    return np.array([rates.get(int(k), float(y.mean())) for k in val["turn_index"].to_numpy()])
+
+
+def auc(y: Any, p: Any) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
+
+
+def paired_auc_diff_ci(y: Any, a: Any, b: Any, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap CI of AUC(a) - AUC(b) on the same rows."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if len(set(y[i].tolist())) == 2:
+            diffs.append(auc(y[i], a[i]) - auc(y[i], b[i]))
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+# ------------------------------------------------------------------------------------------------
+# Compute
+# ------------------------------------------------------------------------------------------------
+
+
+def matmul_peak(dtype: Any, n: int = 1024, seconds: float = 2.0) -> float:
+    """GFLOP/s of square matmuls (warm), at the current thread count."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+class StepTimer:
+    """A TrainerCallback summing the wall time of optimisation steps only."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            seconds = 0.0
+            _t = 0.0
+
+            def on_step_begin(self, args, state, control, **kw):
+                self._t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.seconds += time.perf_counter() - self._t
+
+        return _Timer()
+
+
+def flop_counts(model: Any) -> dict[str, int]:
+    import torch
+
+    clf = model.get_base_model()
+    n = sum(m.weight.numel() for name, m in clf.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in name and "modules_to_save" not in name)
+    cfg = clf.config
+    return {"non_embedding_params": int(n), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+
+
+def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: Any, bf16: bool, eval_rows: int) -> dict[str, Any]:
+    """fit_q's model and trainer on ``train``; Q of ``val`` from the trained (fp32) weights; timing."""
+    import numpy as np
+    import torch
+
+    from pipeline_steps import fit_q
+    from pipeline_steps.common.q_model import encode, score_ids
+
+    fq = params.fit_q.model_copy(update={"bf16": bf16})
+    pad = tokenizer.pad_token_id
+
+    def enc(df):
+        return [encode(tokenizer, s, a, fq.max_action_tokens) for s, a in zip(df["state_text"].to_list(), df["action_text"].to_list())]
+
+    tr_ids, va_ids = enc(train), enc(val)
+    model = fit_q.build_q_model(base, fq, pad)
+    counts = flop_counts(model)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="bench_fit_q.") as work:
+        t0 = time.perf_counter()
+        run = fit_q.train_q(model, fit_q._Rows(tr_ids, train["G"].to_numpy()),
+                            fit_q._Rows(va_ids[:eval_rows], val["G"].to_numpy()[:eval_rows]),
+                            fq, pad, Path(work), progress=True, callbacks=[timer])
+        wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    q = score_ids(model, va_ids, pad, fq.eval_batch_size)
+    score_s = time.perf_counter() - t1
+    tokens = sum(map(len, tr_ids)) * run["epochs_run"]
+    mean_len = float(np.mean([len(x) for x in tr_ids]))
+    n, L, d = counts["non_embedding_params"], counts["layers"], counts["hidden"]
+    attn_fwd = 4 * L * d * mean_len
+    return {
+        "q": q, "bf16": bf16, "train_rows": len(tr_ids), "val_rows": len(va_ids), "epochs": run["epochs_run"],
+        "train_tokens": tokens, "step_seconds": timer.seconds, "train_wall_seconds": wall, "score_seconds": score_s,
+        "score_tokens_per_second": sum(map(len, va_ids)) / score_s,
+        "tokens_per_second": tokens / timer.seconds, "mean_tokens_per_row": mean_len,
+        "flops_per_token_6n": 6 * n, "flops_per_token_exec": 2 * (2 * n + attn_fwd), **counts,
+        "learning_curve": fit_q.learning_curve(run["log_history"]),
+    }
+
+
+def quality(y: Any, g: Any, q: Any, base_preds: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    out = {"auc_q": auc(y, q), "spearman_q_g": float(spearmanr(q, g).statistic), "mse_q_g": float(np.mean((q - g) ** 2)),
+           "q_error_p90": float(np.percentile(np.abs(q - g), 90)), "outcome_rate": float(y.mean())}
+    for name, p in base_preds.items():
+        out[f"auc_{name}"] = auc(y, p)
+    best = max(base_preds, key=lambda k: out[f"auc_{k}"])
+    out["best_baseline"] = best
+    out["auc_margin"] = out["auc_q"] - out[f"auc_{best}"]
+    out["auc_margin_ci95"] = paired_auc_diff_ci(y, q, base_preds[best])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--base-model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default; 1 on a busy machine)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="state budget for both tasks (CPU time)")
+    ap.add_argument("--dnd-train-rows", type=int, default=256)
+    ap.add_argument("--dnd-val-rows", type=int, default=200)
+    ap.add_argument("--world-per-strategy", type=int, default=60, help="conversations per scripted strategy")
+    ap.add_argument("--world-train-rows", type=int, default=224)
+    ap.add_argument("--world-val-rows", type=int, default=160)
+    ap.add_argument("--eval-rows", type=int, default=16, help="validation rows the Trainer evaluates per epoch")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/bench_fit_q.json")
+    args = ap.parse_args()
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
+    from pipeline_steps.common.config import load_params
+
+    t_start = time.perf_counter()
+    params = load_params(args.params, {
+        "base_model.name_or_path": args.base_model, "prompt.max_prompt_tokens": args.max_prompt_tokens,
+        "returns.validation_fraction": 0.3, "fit_q.epochs": args.epochs, "fit_q.learning_rate": args.learning_rate,
+        "fit_q.batch_size": 8, "fit_q.gradient_accumulation_steps": 1, "fit_q.warmup": 0.1, "fit_q.seed": args.seed,
+        "fit_q.data_seed": args.seed,
+    })
+    base = Path(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
+    tokenizer = load_tokenizer(base)
+    console = Console(width=180)
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    console.print(f"threads {torch.get_num_threads()}, matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
+                  f"bf16 {peak['bf16']:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+
+    tasks: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    # 1. Deal-or-No-Deal: fp32 and bf16.
+    dnd, dnd_info = dnd_returns(params, tokenizer, 0.3)
+    tr, va = sample(dnd, args.dnd_train_rows, args.dnd_val_rows, args.seed)
+    y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
+    base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
+    for bf16 in (False, True):
+        name = f"dnd_{'bf16' if bf16 else 'fp32'}"
+        runs[name] = train_and_score(params, base, tokenizer, tr, va, bf16, args.eval_rows)
+        tasks[name] = quality(y, g, runs[name]["q"], base_preds) | {"rows_total": dnd.height, **dnd_info}
+        console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC, {runs[name]['tokens_per_second']:.0f} tok/s "
+                      f"({time.perf_counter() - t_start:.0f}s elapsed)")
+    speedup = runs["dnd_bf16"]["tokens_per_second"] / runs["dnd_fp32"]["tokens_per_second"]
+    quality_cost = tasks["dnd_fp32"]["mse_q_g"] and (tasks["dnd_bf16"]["mse_q_g"] / tasks["dnd_fp32"]["mse_q_g"] - 1)
+    use_bf16 = speedup > 1.1 and quality_cost < 0.05 and tasks["dnd_bf16"]["auc_q"] >= tasks["dnd_fp32"]["auc_q"] - 0.02
+
+    # 2. World logs with the chosen precision.
+    world, world_info = world_returns(params, tokenizer, args.world_per_strategy)
+    tr, va = sample(world, args.world_train_rows, args.world_val_rows, args.seed)
+    y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
+    base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
+    name = f"world_{'bf16' if use_bf16 else 'fp32'}"
+    runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows)
+    tasks[name] = quality(y, g, runs[name]["q"], base_preds) | {"rows_total": world.height, **world_info}
+
+    # Tables.
+    qt = Table(title="fit_q held-out quality (ROC-AUC of the final outcome; target: Q >= best baseline + 0.05)")
+    for col in ("task", "train/val rows", "outcome rate", "AUC Q", "AUC TF-IDF+LR", "AUC turn-rate",
+                "Q - best [95% CI]", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|"):
+        qt.add_column(col, justify="right")
+    for name, m in tasks.items():
+        lo, hi = m["auc_margin_ci95"]
+        qt.add_row(name, f"{runs[name]['train_rows']}/{runs[name]['val_rows']}", f"{m['outcome_rate']:.2f}",
+                   f"{m['auc_q']:.3f}", f"{m['auc_tfidf_lr']:.3f}", f"{m['auc_turn_rate']:.3f}",
+                   f"{m['auc_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['spearman_q_g']:.3f}",
+                   f"{m['mse_q_g']:.4f}", f"{m['q_error_p90']:.3f}")
+    console.print(qt)
+    tt = Table(title=f"fit_q training throughput ({torch.get_num_threads()} threads, real tokens over timed optimiser steps)")
+    for col in ("run", "precision", "tokens/row", "train tok/s", "MFU 6N", "MFU exec", "matmul peak GFLOP/s", "score tok/s"):
+        tt.add_column(col, justify="right")
+    for name, r in runs.items():
+        prec = "bf16" if r["bf16"] else "fp32"
+        p = peak[prec] * 1e9
+        r["mfu_6n"] = r["tokens_per_second"] * r["flops_per_token_6n"] / p
+        r["mfu_exec"] = r["tokens_per_second"] * r["flops_per_token_exec"] / p
+        tt.add_row(name, prec, f"{r['mean_tokens_per_row']:.0f}", f"{r['tokens_per_second']:.0f}", f"{r['mfu_6n']:.1%}",
+                   f"{r['mfu_exec']:.1%}", f"{peak[prec]:.0f}", f"{r['score_tokens_per_second']:.0f}")
+    console.print(tt)
+    console.print(f"bf16 / fp32 training speed: {speedup:.2f}x; held-out MSE change with bf16: {quality_cost:+.1%}; "
+                  f"AUC fp32 {tasks['dnd_fp32']['auc_q']:.3f} vs bf16 {tasks['dnd_bf16']['auc_q']:.3f} -> "
+                  f"recommended fit_q.bf16: {str(use_bf16).lower()}")
+    total = time.perf_counter() - t_start
+    console.print(f"total {total:.0f}s")
+
+    out = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "loadavg_end": os.getloadavg()},
+        "args": vars(args), "matmul_peak_gflops": peak, "tasks": tasks,
+        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "q"} for k, v in runs.items()},
+        "bf16_speedup": speedup, "bf16_mse_change": quality_cost, "recommended_bf16": use_bf16, "seconds": total,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=float) + "\n")
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

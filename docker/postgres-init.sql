@@ -1,0 +1,3 @@
+-- One PostgreSQL for the local stack: the MLflow backend store and the Airflow metadata database.
+CREATE DATABASE mlflow;
+CREATE DATABASE airflow;

@@ -1,0 +1,178 @@
+"""Scoring with the learned Q-function: the one forward pass shared by fit_q, ppo_tune and evaluate.
+
+A Q model is a ``*ForSequenceClassification`` causal LM with one output (``num_labels=1``), saved by
+fit_q as a merged folder (``<out>/scorer``; what TRL's ``PPOTrainer`` takes as ``reward_model`` and
+what initialises its value model) and as a LoRA adapter (``<out>/adapter``).
+
+**Exactly what TRL computes.** TRL 1.12's ``trl.experimental.utils.get_reward`` scores
+``query_responses`` (left-padded query ids + response ids, right-padded with ``pad_token_id``) like this:
+
+* ``attention_mask = query_responses != pad_token_id`` -- *every* pad-id token is masked, not only
+  padding. With SmolLM2 ``pad == eos == <|im_end|>`` (id 2), so the ``<|im_end|>`` tokens that the chat
+  template puts inside the rendered state are masked too (and replaced by id 0);
+* ``position_ids = cumsum(attention_mask) - 1`` (masked tokens do not advance the position);
+* the score head on the backbone's last hidden state, read at the last response token (the token before
+  the first pad id in the response; the last query token if the response is empty).
+
+:func:`q_forward` does the same arithmetic, for right-padded batches with explicit lengths, so fit_q
+trains on exactly the values PPO will read and :func:`score` equals TRL's reward for the same
+``(state, action)`` (``tests/test_fit_q.py`` proves it on rendered world states).
+
+**The pad = eos ambiguity.** ``LlamaForSequenceClassification.forward`` pools at the last token whose id
+is not ``pad_token_id``; a sequence that legitimately ended in id 2 would be pooled one token early. We
+never rely on that pooling (the position is explicit here and in TRL), and :func:`encode` cuts the action
+at its first pad-id token the way TRL cuts a generated response at EOS, so the two always agree. Call
+:func:`score` rather than ``model(...)`` to get Q values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from pipeline_steps.common.q_input import q_input_ids
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "q_manifest.json"
+
+
+def encode(tokenizer: Any, state_text: str, action: str, max_action_tokens: int | None = None) -> list[int]:
+    """Token ids of ``(s, a)`` as PPO's reward model reads them.
+
+    :func:`q_input_ids` (query tokens + at most ``max_action_tokens`` action tokens, no special tokens),
+    with the action cut before its first pad-id token (TRL ends a response there).
+    """
+    ids = q_input_ids(tokenizer, state_text, action, max_action_tokens)
+    n_action = len(q_input_ids(tokenizer, "", action, max_action_tokens))  # "" tokenises to no ids
+    n_query = len(ids) - n_action
+    pad = tokenizer.pad_token_id
+    response = ids[n_query:]
+    if pad in response:
+        response = response[: response.index(pad)]
+    return ids[:n_query] + response
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Right-padded ``input_ids`` and the true ``lengths`` of a batch of id lists."""
+    import torch
+
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    out = torch.full((len(seqs), int(lengths.max())), pad_token_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, lengths
+
+
+def _classifier(model: Any) -> Any:
+    """The ``*ForSequenceClassification`` module under an optional PEFT wrapper (LoRA layers stay active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def q_forward(model: Any, input_ids: "torch.Tensor", lengths: "torch.Tensor", pad_token_id: int) -> "torch.Tensor":
+    """Q for each row of a right-padded batch: TRL ``get_reward``'s arithmetic, read at ``lengths - 1``.
+
+    Differentiable (fit_q trains through it); returns a float tensor of shape ``(batch,)``.
+    """
+    import torch
+
+    clf = _classifier(model)
+    attention_mask = input_ids != pad_token_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    backbone = getattr(clf, clf.base_model_prefix)
+    out = backbone(
+        input_ids=torch.masked_fill(input_ids, ~attention_mask, 0),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        return_dict=True,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    logits = clf.score(out.hidden_states[-1])  # (batch, seq, 1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return logits[rows, lengths.to(input_ids.device) - 1, 0].float()
+
+
+def score(
+    model: Any,
+    tokenizer: Any,
+    states: Sequence[str],
+    actions: Sequence[str],
+    batch_size: int = 16,
+    max_action_tokens: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """``Q(s, a)`` for each pair, as float64, in input order (batched by length to waste little padding).
+
+    ``max_action_tokens`` caps the action like fit_q did in training (``read_manifest(path)`` has the value);
+    None scores the whole action, as TRL scores whatever response it generated.
+    """
+    if len(states) != len(actions):
+        raise ValueError(f"score: {len(states)} states but {len(actions)} actions")
+    seqs = [encode(tokenizer, s, a, max_action_tokens) for s, a in zip(states, actions)]
+    return score_ids(model, seqs, tokenizer.pad_token_id, batch_size, progress)
+
+
+def score_ids(
+    model: Any, seqs: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16, progress: bool = False
+) -> np.ndarray:
+    """:func:`score` for already encoded sequences."""
+    import torch
+    from tqdm.auto import tqdm
+
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    out = np.empty(len(seqs), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(seqs), desc="Q scores", unit="row", disable=not progress) as bar:
+            device = next(model.parameters()).device
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                input_ids, lengths = pad_right([seqs[i] for i in idx], pad_token_id)
+                out[idx] = q_forward(model, input_ids.to(device), lengths, pad_token_id).cpu().numpy()
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def load_scorer(path: str | Path, dtype: str = "float32", base_model: str | Path | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a saved Q model, in eval mode.
+
+    ``path`` is a merged scorer folder (``<fit_q out>/scorer``) or a LoRA adapter folder (``adapter/``,
+    recognised by ``adapter_config.json``; its base model is ``base_model`` or else the one recorded in that
+    file, a path relative to the working directory fit_q ran in).
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline_steps.common.base_model import load_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no Q model folder here (expected fit_q's scorer/ or adapter/)")
+    torch_dtype = getattr(torch, dtype)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base_path = str(base_model or PeftConfig.from_pretrained(str(path)).base_model_name_or_path)
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch_dtype)
+        model = PeftModel.from_pretrained(base, str(path))
+        tok_path = path if (path / "tokenizer_config.json").is_file() else base_path
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch_dtype)
+        tok_path = path
+    tokenizer = load_tokenizer(tok_path)
+    _classifier(model).config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """What a Q model was trained on (returns metadata, ``max_action_tokens``, ...); {} when absent."""
+    f = Path(path) / MANIFEST
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}

@@ -1,0 +1,244 @@
+"""fit_q on the tiny model: Q reads exactly what TRL's PPO reward model reads; it learns; outputs and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline_steps import fit_q as fit_q_step
+from pipeline_steps import returns as returns_step
+from pipeline_steps.common.config import load_params
+from pipeline_steps.common.contract import ABSTAIN_MARKER, HistoryTurn, render_state, system_prompt_for, turns_to_table
+from pipeline_steps.common.parquet_io import write_parquet
+from pipeline_steps.common.q_input import q_input_ids
+from pipeline_steps.common.q_model import encode, load_scorer, read_manifest, score
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_ACTION = 24
+
+
+@pytest.fixture(scope="module")
+def q_params_file(tmp_path_factory, tiny_model_dir) -> Path:
+    """params.yaml with the tiny model, a 30% validation split and a short training budget."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["base_model"]["name_or_path"] = str(tiny_model_dir)
+    data["returns"]["validation_fraction"] = 0.3
+    data["fit_q"].update(epochs=2, batch_size=8, gradient_accumulation_steps=1, max_action_tokens=MAX_ACTION)
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world_returns(tmp_path_factory, world, tokenizer, q_params_file) -> Path:
+    """A returns file built from world logs (three scripted strategies) by the returns step's own code."""
+    from pipeline_steps.world.scripted import ScriptedPolicy
+    from pipeline_steps.world.simulator import conversations_to_turns
+
+    params = load_params(q_params_file)
+    convs = []
+    for k, name in enumerate(("expert", "friendly_generic", "premature_pitch")):
+        convs += world.run(ScriptedPolicy(name, world.vertical), 8, seed=300 + k, batch_size=8, first_index=8 * k)
+    table = returns_step.build_returns(
+        pl.from_arrow(turns_to_table(conversations_to_turns(convs))), params, tokenizer, system_prompt_for(world.vertical)
+    )
+    return write_parquet(table, tmp_path_factory.mktemp("returns") / "returns.parquet")
+
+
+def run_args(tmp: Path, params_file: Path, returns_file: Path) -> list[str]:
+    return ["--params", str(params_file), "--input", str(returns_file), "--out", str(tmp / "model"),
+            "--metrics", str(tmp / "metrics" / "fit_q.json"), "--plots", str(tmp / "plots"), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, q_params_file, world_returns) -> Path:
+    """One in-process ``main`` run, tracked in a throwaway local MLflow store."""
+    tmp = tmp_path_factory.mktemp("fit_q")
+    old_uri, old_cwd = os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.chdir(tmp)  # MLflow's default artifact root is relative to the working directory
+    try:
+        fit_q_step.main(run_args(tmp, q_params_file, world_returns))
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    return tmp
+
+
+def test_main_writes_adapter_scorer_metrics_plots_and_an_mlflow_run(trained):
+    metrics = json.loads((trained / "metrics" / "fit_q.json").read_text())
+    for key in ("mse", "spearman", "roc_auc_outcome", "q_error_p90", "q_error_mean", "rows_train", "rows_validation"):
+        assert key in metrics
+    assert 0 <= metrics["q_error_mean"] <= metrics["q_error_p90"] + 1e-12
+    assert (trained / "model" / "adapter" / "adapter_config.json").is_file()
+    assert (trained / "model" / "scorer" / "config.json").is_file()
+    assert read_manifest(trained / "model" / "scorer")["max_action_tokens"] == MAX_ACTION
+    curve = (trained / "plots" / "learning_curve.csv").read_text().splitlines()
+    assert curve[0] == "epoch,train_loss,eval_loss" and len(curve) == 1 + metrics["epochs_run"]
+    assert (trained / "plots" / "calibration.png").stat().st_size > 1000
+    assert not [p for p in trained.rglob(".*") if p.name != ".gitignore"], "temp folders left behind"
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("iterative-ppo").experiment_id)
+    assert run.info.run_name == "fit_q" and run.info.status == "FINISHED"
+    assert run.data.metrics["q_error_p90"] == pytest.approx(metrics["q_error_p90"])
+    assert run.data.params["fit_q.lora_r"] == "16"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "scorer")} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"scorer/config.json", "scorer/model.safetensors", "plots/calibration.png", "fit_q.json"} <= artifacts
+
+
+def test_score_equals_what_trl_ppo_reward_model_returns(trained, world_returns):
+    """Build ``query_responses`` as TRL 1.12's PPOTrainer does and compare ``get_reward`` with ``score``."""
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+    from trl.experimental.ppo.ppo_trainer import truncate_response
+    from trl.experimental.utils import get_reward
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(str(trained / "model" / "scorer")).eval()
+    _, tok = load_scorer(trained / "model" / "scorer")
+    rows = pq.read_table(world_returns).to_pylist()
+    rows = sorted(rows, key=lambda r: len(r["state_text"]))  # short and long states in one batch
+    picks = [rows[0], rows[len(rows) // 3], rows[2 * len(rows) // 3], rows[-1]]
+    states = [r["state_text"] for r in picks] + [picks[1]["state_text"], picks[2]["state_text"]]
+    actions = [r["action_text"] for r in picks] + [ABSTAIN_MARKER, "Shall we book a visit?<|im_end|> and more"]
+    pad = tok.pad_token_id
+    assert pad == tok.eos_token_id and pad in tok(states[0], add_special_tokens=False)["input_ids"]  # <|im_end|>
+
+    # PPOTrainer: the collator left-pads the tokenised prompts; generated responses are cut at EOS
+    # (truncate_response) and right-padded; query_responses = cat(queries, responses); score via get_reward.
+    queries = DataCollatorWithPadding(tok)([{"input_ids": tok(s, add_special_tokens=False)["input_ids"]} for s in states])["input_ids"]
+    context_length = queries.shape[1]
+    resp = [tok(a, add_special_tokens=False)["input_ids"][:MAX_ACTION] for a in actions]
+    responses = torch.full((len(resp), max(map(len, resp))), pad)
+    for i, r in enumerate(resp):
+        responses[i, : len(r)] = torch.tensor(r)
+    query_responses = torch.cat([queries, truncate_response(tok.eos_token_id, pad, responses)], 1)
+    with torch.no_grad():
+        _, trl_scores, seq_lengths = get_reward(scorer, query_responses, pad, context_length)
+
+    ours = score(scorer, tok, states, actions, batch_size=4, max_action_tokens=MAX_ACTION)
+    np.testing.assert_allclose(ours, trl_scores.numpy(), atol=1e-5)
+    for i, (s, a) in enumerate(zip(states, actions)):
+        left = context_length - len(tok(s, add_special_tokens=False)["input_ids"])
+        seen = query_responses[i, left : int(seq_lengths[i]) + 1].tolist()  # the tokens up to TRL's score position
+        assert seen == encode(tok, s, a, MAX_ACTION)
+        if i < 5:  # no EOS in the action: exactly the shared Q-input definition
+            assert seen == q_input_ids(tok, s, a, MAX_ACTION)
+
+
+def test_merged_scorer_equals_adapter_plus_base(trained, world_returns):
+    rows = pq.read_table(world_returns).to_pylist()[:12]
+    states, actions = [r["state_text"] for r in rows], [r["action_text"] for r in rows]
+    merged, tok = load_scorer(trained / "model" / "scorer")
+    adapter, tok2 = load_scorer(trained / "model" / "adapter")
+    assert type(merged).__name__ == "LlamaForSequenceClassification" and merged.config.pad_token_id == tok.pad_token_id
+    a = score(merged, tok, states, actions, max_action_tokens=MAX_ACTION)
+    b = score(adapter, tok2, states, actions, max_action_tokens=MAX_ACTION)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.ptp(a) > 0  # the trained head distinguishes rows
+
+
+def test_same_seed_same_q(tmp_path, trained, q_params_file, world_returns):
+    metrics = fit_q_step.main(run_args(tmp_path, q_params_file, world_returns) + ["--no-mlflow"])
+    assert metrics == json.loads((trained / "metrics" / "fit_q.json").read_text())
+    rows = pq.read_table(world_returns).to_pylist()[:8]
+    states, actions = [r["state_text"] for r in rows], [r["action_text"] for r in rows]
+    q1 = score(*load_scorer(trained / "model" / "scorer"), states, actions)
+    q2 = score(*load_scorer(tmp_path / "model" / "scorer"), states, actions)
+    np.testing.assert_array_equal(q1, q2)
+
+
+def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokenizer, tiny_model_dir):
+    """G is high iff the suggestion proposes a visit; the keyword is mid-sentence (the model must attend)."""
+    rng = np.random.default_rng(0)
+    msgs = ["Hi, I need a new kitchen.", "How much is a bathroom?", "Can you help with my roof?", "Do you paint?"]
+    openers = ["Thanks for reaching out", "Happy to help", "Good question", "Sure thing", "Let me check"]
+    rows = []
+    for i in range(128):
+        good = i % 2 == 0
+        tail = "shall we book a visit? Thanks." if good else "have a nice day. Thanks."
+        rows.append(dict(
+            state_text=render_state([HistoryTurn(msgs[rng.integers(len(msgs))])], tokenizer, "You suggest replies.", 128),
+            action_text=f"{openers[rng.integers(len(openers))]}, {tail}", G=0.8 if good else 0.1, outcome=int(good),
+            conversation_id=f"c{i}", turn_index=1, split="validation" if i >= 96 else "train",
+        ))
+    table = pa.Table.from_pylist(rows)
+    params = load_params(REPO / "params.yaml", {
+        "fit_q.epochs": 4, "fit_q.learning_rate": 2e-3, "fit_q.gradient_accumulation_steps": 1})
+    result = fit_q_step.fit_q(table, params, tiny_model_dir, tokenizer, tmp_path / "m", tmp_path / "p", progress=False)
+    curve, m = result["learning_curve"], result["metrics"]
+    assert curve[-1]["eval_loss"] < 0.5 * curve[0]["eval_loss"]
+    assert m["mse"] < 0.2 * m["mse_constant_baseline"]
+    assert m["roc_auc_outcome"] > 0.95 and m["best_eval_loss"] == pytest.approx(m["mse"], rel=1e-4)
+
+
+def _rewrite(src: Path, dst: Path, fn=None, metadata=None) -> Path:
+    table = pq.read_table(src)
+    meta = table.schema.metadata
+    if fn is not None:
+        table = fn(table)
+    write_parquet(table.replace_schema_metadata(metadata or meta), dst)
+    return dst
+
+
+def _set(table: pa.Table, name: str, values) -> pa.Table:
+    return table.set_column(table.column_names.index(name), name, pa.array(values, table.schema.field(name).type))
+
+
+BAD = {
+    "empty": (lambda t: t.slice(0, 0), "non_empty"),
+    "constant_G": (lambda t: _set(t, "G", [0.0] * t.num_rows), "G_varies"),
+    "no_validation": (lambda t: _set(t, "split", ["train"] * t.num_rows), "validation_rows"),
+    "G_out_of_range": (lambda t: _set(t, "G", [1.5] + t.column("G").to_pylist()[1:]), "G_in_unit_interval"),
+    "missing_column": (lambda t: t.drop(["G"]), "schema"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_rows_stop_before_training_naming_file_and_rule(tmp_path, q_params_file, world_returns, case):
+    fn, rule = BAD[case]
+    bad = _rewrite(world_returns, tmp_path / f"{case}.parquet", fn)
+    with pytest.raises(SystemExit) as err:
+        fit_q_step.main(run_args(tmp_path, q_params_file, bad) + ["--no-mlflow"])
+    assert str(bad) in str(err.value) and f"'{rule}'" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name]  # nothing written, not even temp folders
+
+
+def test_returns_from_another_prompt_version_or_tokenizer_are_refused(tmp_path, q_params_file, world_returns):
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(world_returns).metadata.items()}
+    for key, value in (("prompt_version", "v0"), ("tokenizer_sha256", "0" * 64)):
+        bad = _rewrite(world_returns, tmp_path / f"{key}.parquet", metadata={**meta, key: value})
+        with pytest.raises(SystemExit) as err:
+            fit_q_step.main(run_args(tmp_path, q_params_file, bad) + ["--no-mlflow"])
+        msg = str(err.value)
+        assert str(bad) in msg and "'returns_compatible'" in msg and "different tokenizer/prompt version" in msg and key in msg
+    assert not (tmp_path / "model").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_missing_base_model_is_a_clear_error(tmp_path, q_params_file, world_returns):
+    with pytest.raises(SystemExit) as err:
+        fit_q_step.main(run_args(tmp_path, q_params_file, world_returns) + ["--no-mlflow", "--base-model", str(tmp_path / "nope")])
+    assert "base_model.name_or_path" in str(err.value) and "missing base model" in str(err.value)
+    assert not (tmp_path / "model").exists()
+
+
+def test_cli_help():
+    res = subprocess.run([sys.executable, "-m", "pipeline_steps.fit_q", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0 and "--metrics" in res.stdout and "--plots" in res.stdout
