@@ -139,6 +139,22 @@ def test_registered_policy_loads_and_suggests(server, tiny_model_dir, files, tmp
     assert model.metadata.signature is not None
     assert res["policy"]["uri"].startswith("models:/")
 
+    # collect/evaluate/ppo_tune deploy a registered policy by alias (models:/<name>@<alias>).
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.policies import load_policy, resolve_policy_dir
+    from pipeline_steps.common.contract import HistoryTurn
+
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = server["uri"]
+    try:
+        params = load_params(Path(__file__).parents[1] / "params.yaml")
+        assert (Path(resolve_policy_dir(f"models:/{name}@challenger", params)) / "config.json").is_file()
+        policy = load_policy(f"models:/{name}@challenger", params, {"business_name": "B", "business_description": "d"})
+        assert len(policy.suggest([[HistoryTurn("hello?")]], ["k"])) == 1
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
 
 def test_failed_registration_moves_no_alias_and_leaves_no_version(server, tiny_model_dir, files, tmp_path, monkeypatch):
     from mlflow import MlflowClient

@@ -172,6 +172,40 @@ class PersonaExplorationPolicy(LLMPolicy):
         return [Suggestion(clean_generation(r), {"persona": s}) for r, s in zip(raw, styles)]
 
 
+def registered_policy_dir(uri: str) -> str:
+    """Download a registered policy (``models:/<name>@<alias>`` or ``/<version>``) and return its HF folder.
+
+    ``register`` logs the policy as a pyfunc model whose weights sit under ``artifacts/policy/``.
+    """
+    from pathlib import Path
+
+    import mlflow
+
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    for candidate in (root / "artifacts" / "policy", root):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    found = sorted(p.parent for p in root.rglob("config.json"))
+    if not found:
+        raise ValueError(f"{uri}: the registered model has no HF model folder (config.json) in its artifacts")
+    return str(found[0])
+
+
+def resolve_policy_dir(spec: str, params: Any) -> str:
+    """A local HF folder for an LLM policy spec: 'pi0' (the base model), a folder, or a models:/ URI."""
+    from pathlib import Path
+
+    if spec in ("pi0", "explore"):
+        from pipeline_steps.common.base_model import resolve_base_model
+
+        return str(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
+    if spec.startswith("models:/"):
+        return registered_policy_dir(spec)
+    if not Path(spec).is_dir():
+        raise ValueError(f"policy '{spec}' is not 'pi0', a models:/ URI or an existing model folder")
+    return spec
+
+
 def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0) -> Policy:
     """Build the policy a spec names (see ``collect.policy`` in params.yaml for the forms)."""
     from pipeline_steps.common.contract import system_prompt_for
@@ -185,9 +219,7 @@ def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0)
         model_dir = None
         policy_id, version = spec, f"{params.base_model.name_or_path}"
     elif spec.startswith("models:/"):
-        import mlflow
-
-        model_dir = mlflow.artifacts.download_artifacts(artifact_uri=spec)
+        model_dir = registered_policy_dir(spec)
         policy_id, version = spec.split("/", 1)[1], spec
     else:
         from pathlib import Path
