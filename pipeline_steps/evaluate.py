@@ -241,7 +241,14 @@ def plot(ab: dict[str, Any], curves: dict[str, list[float]], out_dir: Path) -> l
     p2 = out_dir / "outcome_by_turn.png"
     fig.savefig(p2, dpi=110)
     plt.close(fig)
-    return [p1, p2]
+    # The same numbers as CSV, so `dvc plots diff` can compare iterations.
+    p3 = out_dir / "ab_conversion.csv"
+    p3.write_text("arm,rate,ci_low,ci_high\n" + "".join(f"{n},{ab[n]['rate']:.6f},{ab[n]['ci_low']:.6f},{ab[n]['ci_high']:.6f}\n" for n in names))
+    p4 = out_dir / "outcome_by_turn.csv"
+    arms = list(curves)
+    p4.write_text("turn," + ",".join(arms) + "\n" + "".join(
+        f"{t + 1}," + ",".join(f"{curves[a][t]:.6f}" for a in arms) + "\n" for t in range(len(curves[arms[0]]))))
+    return [p1, p2, p3, p4]
 
 
 def build_parser() -> argparse.ArgumentParser:

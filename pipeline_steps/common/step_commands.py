@@ -247,6 +247,8 @@ STEPS_SPEC: tuple[Step, ...] = (
         plots=(
             ("plots/evaluate/ab_conversion.png", {"cache": False}),
             ("plots/evaluate/outcome_by_turn.png", {"cache": False}),
+            ("plots/evaluate/ab_conversion.csv", {"cache": False, "x": "arm", "y": "rate"}),
+            ("plots/evaluate/outcome_by_turn.csv", {"cache": False, "x": "turn"}),
         ),
         gpu=True,
     ),
