@@ -246,7 +246,7 @@ def report(results: dict[int, dict[str, float]], args: argparse.Namespace) -> No
     big = results[sizes[-1]]
     if "naive_g_s" in big:
         print(f"\n== G at {int(big['turns']):,} turns: naive pandas per-conversation loop {big['naive_g_s']:.2f}s, "
-              f"vectorised (polars window functions) {big['vector_g_s']:.3f}s -> {big['naive_g_s'] / big['vector_g_s']:.0f}x faster "
+              f"vectorised (polars column expressions) {big['vector_g_s']:.3f}s -> {big['naive_g_s'] / big['vector_g_s']:.0f}x faster "
               f"(target >= 10x); results equal ==")
     if "render_batched_per_s" in big:
         print(f"\n== state rendering, real SmolLM2 tokenizer ({args.base_model}), sample of {args.render_sample:,} states ==")

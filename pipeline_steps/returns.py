@@ -11,7 +11,7 @@ For every non-terminal turn ``i`` (a state where an action was taken) one row:
   (``returns.abstain: keep``, so Q learns the value of abstaining) or are dropped (``drop``);
 * ``G`` = ``sum_j gamma^j r_{i+j+1}`` with ``r_k = R(s_k) = o_k``. Validated logs carry an outcome only on
   the last record ``T``, so ``G_i = gamma^(T-i-1)`` when the conversation converts and 0 otherwise,
-  computed with window functions over the whole table;
+  computed with column expressions over the whole table (no per-row Python loop);
 * ``outcome`` (the conversation's final outcome), ``conversation_id``, ``turn_index``, ``relation``,
   ``prompt_version`` and ``split`` (train/validation by a salted SHA-256 of the conversation id, so
   every turn of a conversation lands on the same side: no leakage).
@@ -29,6 +29,7 @@ import json
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,9 +106,12 @@ def split_of(conversation_id: str, validation_fraction: float, seed: str) -> str
 
 
 def assign_splits(ids: pl.Series, validation_fraction: float, seed: str) -> pl.Series:
-    """The split of every row, hashing each distinct conversation id once."""
-    mapping = {cid: split_of(cid, validation_fraction, seed) for cid in ids.unique().to_list()}
-    return ids.replace_strict(mapping, return_dtype=pl.String).alias("split")
+    """The split of every row, hashing each run of equal ids once (rows come grouped by conversation)."""
+    runs = ids.rle()
+    values = runs.struct.field("value").to_list()
+    is_val = np.fromiter((split_of(v, validation_fraction, seed) == "validation" for v in values), bool, len(values))
+    per_row = pl.Series(np.repeat(is_val, runs.struct.field("len").to_numpy()))
+    return pl.select(pl.when(per_row).then(pl.lit("validation")).otherwise(pl.lit("train")).alias("split")).to_series()
 
 
 def action_rows(turns: pl.DataFrame, gamma: float, abstain: str) -> pl.DataFrame:

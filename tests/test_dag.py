@@ -308,7 +308,7 @@ def test_dag_test_runs_one_iteration_and_waits_for_approval(dagmod, airflow_db, 
     assert (run / "data/raw").is_dir() and (run / "data/fit_q/model/scorer").is_dir()
     assert (run / "data/ppo_tune/model/policy/config.json").exists()
     reg = json.loads((run / "metrics/register.json").read_text())
-    assert approvals == [str(reg["policy"]["version"])]
+    assert [str(v) for v in approvals] == [str(reg["policy"]["version"])]
 
     # The sensor poked before the approval and gave its slot back in between (reschedule mode).
     from airflow.models.taskinstance import TaskInstance
@@ -321,4 +321,4 @@ def test_dag_test_runs_one_iteration_and_waits_for_approval(dagmod, airflow_db, 
 
     from pipeline_steps.common import registry
 
-    assert registry.current_champion("ippo-policy", uri) == reg["policy"]["version"]  # promoted after approval
+    assert str(registry.current_champion("ippo-policy", uri)) == str(reg["policy"]["version"])  # promoted after approval

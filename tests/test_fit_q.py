@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_ACTION = 24
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread, and on a shared 2-core machine it loses a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def q_params_file(tmp_path_factory, tiny_model_dir) -> Path:
     """params.yaml with the tiny model, a 30% validation split and a short training budget."""
@@ -88,7 +97,7 @@ def test_main_writes_adapter_scorer_metrics_plots_and_an_mlflow_run(trained):
     assert (trained / "model" / "scorer" / "config.json").is_file()
     assert read_manifest(trained / "model" / "scorer")["max_action_tokens"] == MAX_ACTION
     curve = (trained / "plots" / "learning_curve.csv").read_text().splitlines()
-    assert curve[0] == "epoch,train_loss,eval_loss" and len(curve) == 1 + metrics["epochs_run"]
+    assert curve[0] == "epoch,train_loss,eval_loss" and len(curve) == 2 + metrics["epochs_run"]  # epochs 0..n
     assert (trained / "plots" / "calibration.png").stat().st_size > 1000
     assert not [p for p in trained.rglob(".*") if p.name != ".gitignore"], "temp folders left behind"
 
@@ -180,13 +189,20 @@ def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokeniz
             conversation_id=f"c{i}", turn_index=1, split="validation" if i >= 96 else "train",
         ))
     table = pa.Table.from_pylist(rows)
-    params = load_params(REPO / "params.yaml", {
-        "fit_q.epochs": 4, "fit_q.learning_rate": 2e-3, "fit_q.gradient_accumulation_steps": 1})
+    settings = {"fit_q.epochs": 4, "fit_q.learning_rate": 2e-3, "fit_q.gradient_accumulation_steps": 1}
+    params = load_params(REPO / "params.yaml", {**settings, "fit_q.probe_init_rows": 0})  # zero head: LoRA must learn
     result = fit_q_step.fit_q(table, params, tiny_model_dir, tokenizer, tmp_path / "m", tmp_path / "p", progress=False)
     curve, m = result["learning_curve"], result["metrics"]
-    assert curve[-1]["eval_loss"] < 0.5 * curve[0]["eval_loss"]
-    assert m["mse"] < 0.2 * m["mse_constant_baseline"]
+    assert curve[0]["epoch"] == 0 and curve[0]["eval_loss"] == pytest.approx(np.mean(np.square([0.8, 0.1])), rel=1e-3)
+    assert max(r["eval_loss"] for r in curve[1:]) < 0.5 * curve[0]["eval_loss"]
+    assert m["mse"] < 0.2 * m["mse_constant_baseline"] and m["probe_rows"] == 0
     assert m["roc_auc_outcome"] > 0.95 and m["best_eval_loss"] == pytest.approx(m["mse"], rel=1e-4)
+
+    # The linear-probe head init alone already fits this set (epoch 0 of the default recipe).
+    params = load_params(REPO / "params.yaml", {**settings, "fit_q.epochs": 1})
+    result = fit_q_step.fit_q(table, params, tiny_model_dir, tokenizer, tmp_path / "m2", tmp_path / "p2", progress=False)
+    assert result["metrics"]["probe_rows"] == 96
+    assert result["learning_curve"][0]["eval_loss"] < 0.2 * result["metrics"]["mse_constant_baseline"]
 
 
 def _rewrite(src: Path, dst: Path, fn=None, metadata=None) -> Path:

@@ -199,10 +199,10 @@ def exact_one_token_objective(policy_dir: Path, scorer_dir: Path, states: list[s
     with torch.no_grad():
         q = clf.score(clf.model.norm(clf.model.embed_tokens.weight))[:, 0].double()  # Q(s, t) for every token t
 
-        def logp(path: Path) -> torch.Tensor:
+        def logp(path: Path) -> torch.Tensor:  # one state at a time: no padding, positions as in generation
             model = load_causal_lm(path)
-            enc = tok(states, return_tensors="pt", padding=True, add_special_tokens=False)
-            return torch.log_softmax(model(**enc).logits[:, -1].double() / temperature, dim=-1)
+            logits = [model(**tok(s, return_tensors="pt", add_special_tokens=False)).logits[0, -1] for s in states]
+            return torch.log_softmax(torch.stack(logits).double() / temperature, dim=-1)
 
         lp = logp(policy_dir)
         lp_ref = logp(reference_dir) if reference_dir is not None else lp
