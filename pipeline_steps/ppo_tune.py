@@ -36,13 +36,13 @@
 derives every attention mask as ``ids != pad_token_id``. With pad = EOS it would (a) mask the two
 ``<|im_end|>`` tokens the chat template puts inside every rendered state, so rollouts would condition on a
 different context than ``collect`` deploys (where the tokenizer's attention mask keeps them), and (b) mask
-the response's own EOS out of the PPO loss, so the policy could never learn when to stop. PPOTrainer
-therefore gets a copy of the tokenizer whose pad is a token absent from every prompt (``<|endoftext|>``
-for SmolLM2). Q_i was fit by :mod:`pipeline_steps.common.q_model` with the pad = EOS convention, so the
-reward model handed to PPO is :class:`PPORewardModel`: it feeds the scorer exactly the mask and positions
-``q_model.q_forward`` uses and reads Q at the last action token (never at the EOS), so PPO's reward for a
-response equals ``q_model.score_ids`` of (state ids + response ids) -- ``tests/test_ppo_tune.py`` checks
-this. RLOO and GRPO build proper attention masks themselves and train on the EOS; they get the
+the response's own EOS out of the PPO loss, so the policy could never learn when to stop. For the
+duration of training PPOTrainer therefore sees the tokenizer with its pad switched to a token absent from
+every prompt (``<|endoftext|>`` for SmolLM2; the saved policy keeps pi_i's tokenizer). Q_i was fit by
+:mod:`pipeline_steps.common.q_model` with the pad = EOS convention, so the reward model handed to PPO is
+:func:`PPORewardModel`: it feeds the scorer exactly the mask and positions ``q_model.q_forward`` uses and
+reads Q at the last action token (never at the EOS), so PPO's reward for a response equals
+``q_model.score_ids`` of (state ids + response ids) -- ``tests/test_ppo_tune.py`` checks this. RLOO and GRPO build proper attention masks themselves and train on the EOS; they get the
 tokenizer unchanged.
 
 **TRL pin.** ``trl==1.12.0``: TRL 1.13 removed ``PPOTrainer``; 1.12.0 is the last release that ships it
@@ -63,6 +63,7 @@ the KL coefficient (GRPO's default is 0, i.e. no reference model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import gc
@@ -70,11 +71,12 @@ import io
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -349,11 +351,8 @@ def _curve_callback(episodes_per_step: float):
                 row["q_reward"] = reward
             row.update(numeric)
             self.rows.append(row)
-            try:
-                import mlflow
-            except ImportError:  # pragma: no cover - mlflow is a dependency
-                return
-            if mlflow.active_run() is not None:
+            mlflow = sys.modules.get("mlflow")  # imported by step_run when tracking is on; never imported here
+            if mlflow is not None and mlflow.active_run() is not None:
                 mlflow.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=int(state.global_step))
 
     return CurveCallback()
@@ -391,7 +390,11 @@ def lora_config(p: PPOTuneParams) -> Any:
 
 
 def _common_args(p: PPOTuneParams, output_dir: Path, progress: bool) -> dict[str, Any]:
+    import torch
+
     return dict(
+        # transformers refuses bf16 without a GPU unless told to run on the CPU (bf16 autocast works there).
+        use_cpu=bool(p.bf16 and not torch.cuda.is_available()),
         output_dir=str(output_dir), learning_rate=p.learning_rate, per_device_train_batch_size=p.per_device_train_batch_size,
         gradient_accumulation_steps=p.gradient_accumulation_steps, temperature=p.temperature, seed=p.seed,
         bf16=p.bf16, gradient_checkpointing=p.gradient_checkpointing, report_to="none", logging_steps=1,
@@ -409,8 +412,7 @@ def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path
 
     prompt_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in train_prompts]
     heldout_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in heldout_prompts]
-    ppo_tok = copy.deepcopy(tokenizer)  # same vocabulary, own pad token
-    ppo_tok.pad_token = ppo_pad_token(tokenizer, prompt_ids + heldout_ids)
+    pad_token = ppo_pad_token(tokenizer, prompt_ids + heldout_ids)
     args = PPOConfig(
         **_common_args(p, work_dir, progress),
         total_episodes=p.total_episodes, num_mini_batches=p.num_mini_batches, num_ppo_epochs=p.num_ppo_epochs,
@@ -421,15 +423,28 @@ def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path
     )
     transformers.set_seed(p.seed)  # LoRA init happens inside the constructor, before TRL seeds anything
     value_model = AutoModelForSequenceClassification.from_pretrained(str(q_path), num_labels=1, dtype=policy.dtype)
-    reward_model = PPORewardModel(scorer, tokenizer.pad_token_id, ppo_tok.pad_token_id, tokenizer.eos_token_id)
-    trainer = PPOTrainer(
-        args=args, processing_class=ppo_tok, model=policy, ref_model=None, reward_model=reward_model,
-        train_dataset=Dataset.from_dict({"input_ids": prompt_ids}), value_model=value_model,
-        eval_dataset=Dataset.from_dict({"input_ids": heldout_ids}), callbacks=[callback], peft_config=lora_config(p),
-    )
-    _quiet(trainer, progress)
-    trainer.train()
+    q_pad_id = tokenizer.pad_token_id
+    with _pad_token(tokenizer, pad_token):  # PPOTrainer's processing_class: same vocabulary, its own pad
+        reward_model = PPORewardModel(scorer, q_pad_id, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        trainer = PPOTrainer(
+            args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
+            train_dataset=Dataset.from_dict({"input_ids": prompt_ids}), value_model=value_model,
+            eval_dataset=Dataset.from_dict({"input_ids": heldout_ids}), callbacks=[callback], peft_config=lora_config(p),
+        )
+        _quiet(trainer, progress)
+        trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model).policy
+
+
+@contextlib.contextmanager
+def _pad_token(tokenizer: Any, token: str) -> Iterator[None]:
+    """Use ``token`` as the tokenizer's pad token inside the block (restored after: pi_{i+1} ships pi_i's)."""
+    previous = tokenizer.pad_token
+    tokenizer.pad_token = token
+    try:
+        yield
+    finally:
+        tokenizer.pad_token = previous
 
 
 def train_rloo_grpo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, train_prompts: list[str], work_dir: Path,
@@ -721,14 +736,14 @@ def tune(params: Params, returns_path: str | Path, q_path: str | Path, out_dir: 
     callback = _curve_callback(episodes_per_step / (1 if p.algorithm == "ppo" else p.num_ppo_epochs))
     try:
         work = stage / "trainer"
-        t_train = time.perf_counter()
+        t_train, cpu_train = time.perf_counter(), time.process_time()
         if p.algorithm == "ppo":
             trained = train_ppo(p, inputs.policy, inputs.tokenizer, inputs.scorer, q_path, inputs.prompts.train,
                                 inputs.prompts.heldout, work, callback, progress)
         else:
             trained = train_rloo_grpo(p, inputs.policy, inputs.tokenizer, inputs.scorer, inputs.prompts.train, work,
                                       callback, progress, inputs.max_action_tokens)
-        train_seconds = time.perf_counter() - t_train
+        train_seconds, train_cpu_seconds = time.perf_counter() - t_train, time.process_time() - cpu_train
         save_policy(trained, inputs.tokenizer, generation_config, stage)
         del trained, inputs.policy
         gc.collect()
@@ -758,6 +773,7 @@ def tune(params: Params, returns_path: str | Path, q_path: str | Path, out_dir: 
             "episodes": int(last.get("episode", 0)),
             "final_q_reward": last.get("q_reward"),
             "train_seconds": train_seconds,
+            "train_cpu_seconds": train_cpu_seconds,  # CPU time of this process: less sensitive to other load
             "episodes_per_second": (last.get("episode", 0) / train_seconds) if train_seconds else 0.0,
         },
         "wall_seconds": time.perf_counter() - t0,

@@ -196,7 +196,8 @@ def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokeniz
     assert curve[0]["epoch"] == 0 and curve[0]["eval_loss"] == pytest.approx(np.mean(np.square([0.8, 0.1])), rel=1e-3)
     assert max(r["eval_loss"] for r in curve[1:]) < 0.5 * curve[0]["eval_loss"]
     assert m["mse"] < 0.2 * m["mse_constant_baseline"] and m["probe_rows"] == 0
-    assert m["roc_auc_outcome"] > 0.95 and m["best_eval_loss"] == pytest.approx(m["mse"], rel=1e-4)
+    # The best epoch was restored: its validation loss (under the bf16 autocast of training) is the fp32 MSE.
+    assert m["roc_auc_outcome"] > 0.95 and m["best_eval_loss"] == pytest.approx(m["mse"], rel=0.05)
 
     # The linear-probe head init alone already fits this set (epoch 0 of the default recipe).
     params = load_params(REPO / "params.yaml", {**settings, "fit_q.epochs": 1})

@@ -73,11 +73,8 @@ def _classifier(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def q_forward(model: Any, input_ids: "torch.Tensor", lengths: "torch.Tensor", pad_token_id: int) -> "torch.Tensor":
-    """Q for each row of a right-padded batch: TRL ``get_reward``'s arithmetic, read at ``lengths - 1``.
-
-    Differentiable (fit_q trains through it); returns a float tensor of shape ``(batch,)``.
-    """
+def last_hidden(model: Any, input_ids: "torch.Tensor", lengths: "torch.Tensor", pad_token_id: int) -> "torch.Tensor":
+    """The backbone's last hidden state at each row's last token (what the score head reads), shape (batch, d)."""
     import torch
 
     clf = _classifier(model)
@@ -92,9 +89,17 @@ def q_forward(model: Any, input_ids: "torch.Tensor", lengths: "torch.Tensor", pa
         output_hidden_states=True,
         use_cache=False,
     )
-    logits = clf.score(out.hidden_states[-1])  # (batch, seq, 1)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return logits[rows, lengths.to(input_ids.device) - 1, 0].float()
+    return out.hidden_states[-1][rows, lengths.to(input_ids.device) - 1]
+
+
+def q_forward(model: Any, input_ids: "torch.Tensor", lengths: "torch.Tensor", pad_token_id: int) -> "torch.Tensor":
+    """Q for each row of a right-padded batch: TRL ``get_reward``'s arithmetic, read at ``lengths - 1``.
+
+    (TRL applies the linear head to every position and then picks one; picking first is the same number.)
+    Differentiable (fit_q trains through it); returns a float tensor of shape ``(batch,)``.
+    """
+    return _classifier(model).score(last_hidden(model, input_ids, lengths, pad_token_id))[:, 0].float()
 
 
 def score(
@@ -121,23 +126,40 @@ def score_ids(
     model: Any, seqs: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16, progress: bool = False
 ) -> np.ndarray:
     """:func:`score` for already encoded sequences."""
+    return _batched(q_forward, model, seqs, pad_token_id, batch_size, progress, "Q scores")
+
+
+def hidden_ids(
+    model: Any, seqs: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16, progress: bool = False
+) -> np.ndarray:
+    """:func:`last_hidden` of encoded sequences, as a float64 array (rows, d)."""
+    return _batched(last_hidden, model, seqs, pad_token_id, batch_size, progress, "last-token states")
+
+
+def _batched(fn: Any, model: Any, seqs: Sequence[Sequence[int]], pad_token_id: int, batch_size: int,
+             progress: bool, desc: str) -> np.ndarray:
     import torch
     from tqdm.auto import tqdm
 
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    out = np.empty(len(seqs), dtype=np.float64)
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(seqs), desc="Q scores", unit="row", disable=not progress) as bar:
+        with torch.inference_mode(), tqdm(total=len(seqs), desc=desc, unit="row", disable=not progress) as bar:
             device = next(model.parameters()).device
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]
                 input_ids, lengths = pad_right([seqs[i] for i in idx], pad_token_id)
-                out[idx] = q_forward(model, input_ids.to(device), lengths, pad_token_id).cpu().numpy()
+                parts.append((idx, fn(model, input_ids.to(device), lengths, pad_token_id).float().cpu().numpy()))
                 bar.update(len(idx))
     finally:
         model.train(was_training)
+    if not parts:
+        return np.zeros(0, dtype=np.float64)
+    out = np.empty((len(seqs), *parts[0][1].shape[1:]), dtype=np.float64)
+    for idx, values in parts:
+        out[idx] = values
     return out
 
 
