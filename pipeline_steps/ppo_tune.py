@@ -679,11 +679,19 @@ def load_inputs(params: Params, returns_path: str | Path, q_path: str | Path, po
     prompts = single_turn_prompts(read_returns(returns_path), str(returns_path), p.eval_states, p.seed)
 
     # pi_i: the policy to improve and the KL reference.
-    if policy_path is None:
+    # Same forms as collect.policy: 'pi0' (the base model), a model folder, or models:/<name>@<alias>.
+    if policy_path is None or str(policy_path) in ("pi0", "explore"):
         try:
             policy_path = resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir)
         except BaseModelError as exc:
             raise PPOTuneError("--policy", "policy_loads", str(exc)) from exc
+    elif str(policy_path).startswith("models:/"):
+        from pipeline_steps.common.policies import registered_policy_dir
+
+        try:
+            policy_path = registered_policy_dir(str(policy_path))
+        except Exception as exc:
+            raise PPOTuneError(str(policy_path), "policy_loads", f"registered pi_i could not be downloaded: {exc}") from exc
     where = str(policy_path)
     if not Path(where).is_dir() or not (Path(where) / "config.json").is_file():
         raise PPOTuneError(where, "policy_loads", "not a model folder (no config.json): pi_i, the reference policy, "
@@ -807,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params.yaml to read (sections ppo_tune, base_model, prompt, world).")
     p.add_argument("--returns", default="data/returns/returns.parquet", help="Returns rows: the single-turn prompts (state_text).")
     p.add_argument("--q-model", default="data/fit_q/model/scorer", help="Q_i: fit_q's merged scorer folder (the reward model).")
-    p.add_argument("--policy", help="pi_i: a model folder (default: base_model.name_or_path, i.e. pi_0).")
+    p.add_argument("--policy", help="pi_i: pi0 (base_model.name_or_path, the default), a model folder, "
+                   "or models:/<name>@<alias> (e.g. the registry champion).")
     p.add_argument("--out", default="data/ppo_tune/model", help="Folder for adapter/, policy/ and samples (replaced atomically).")
     p.add_argument("--metrics", default="metrics/ppo_tune.json", help="Theorem 1 check and training summary (DVC metrics).")
     p.add_argument("--curve", default="plots/ppo_tune/training_curve.csv", help="Training metrics per update (DVC plots).")
