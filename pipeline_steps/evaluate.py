@@ -27,6 +27,8 @@ import numpy as np
 
 from pipeline_steps.common.ab_stats import ab_test
 from pipeline_steps.common.config import ConfigError, Params, load_params
+from pipeline_steps.common.policies import response_logprobs
+from pipeline_steps.common.stats import paired_bootstrap
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
 
 STEP = "evaluate"
@@ -77,42 +79,6 @@ def sample_suggestions(policy: Any, states: Sequence[str], batch_size: int, seed
     return texts, ids
 
 
-def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]], batch_size: int) -> list[np.ndarray]:
-    """Per-token log-probabilities of each response given its state (right-padded batches)."""
-    import torch
-
-    out: list[np.ndarray] = []
-    for lo in range(0, len(states), batch_size):
-        seqs, starts = [], []
-        for s, r in zip(states[lo : lo + batch_size], responses[lo : lo + batch_size]):
-            q = tokenizer(s, add_special_tokens=False)["input_ids"]
-            seqs.append(q + list(r))
-            starts.append(len(q))
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(seqs):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        for i, (x, st) in enumerate(zip(seqs, starts)):
-            out.append(logp[i, st - 1 : len(x) - 1].numpy())
-    return out
-
-
-def paired_improvement(q_candidate: np.ndarray, q_baseline: np.ndarray, resamples: int, alpha: float) -> dict[str, float]:
-    """Mean of per-state differences with a bootstrap CI (scipy), paired by state."""
-    from scipy.stats import bootstrap
-
-    diff = np.asarray(q_candidate, float) - np.asarray(q_baseline, float)
-    if len(diff) < 2 or np.allclose(diff, diff[0]):
-        return {"mean": float(diff.mean()), "ci_low": float(diff.mean()), "ci_high": float(diff.mean()), "n": int(len(diff))}
-    res = bootstrap((diff,), np.mean, n_resamples=resamples, confidence_level=1 - alpha, method="BCa", random_state=0)
-    return {"mean": float(diff.mean()), "ci_low": float(res.confidence_interval.low), "ci_high": float(res.confidence_interval.high), "n": int(len(diff))}
-
-
 def guardrails(texts: Sequence[str | None], world: Any) -> dict[str, float]:
     """Acceptance proxy (mean probability the simulated business sends it), length, abstain rate."""
     said = [t for t in texts if t is not None]
@@ -136,15 +102,17 @@ def offline_evaluation(params: Params, baseline: Any, candidate: Any, q_dir: str
     q_model, q_tok = load_scorer(q_dir)
     q_base = score(q_model, q_tok, states, [action_text(t) for t in base_texts])
     q_cand = score(q_model, q_tok, states, [action_text(t) for t in cand_texts])
-    lp_cand = response_logprobs(candidate.model, candidate.tokenizer, states, cand_ids, bs)
-    lp_base = response_logprobs(baseline.model, baseline.tokenizer, states, cand_ids, bs)
+    # KL at the deployed sampling temperature (the distribution the A/B test draws from).
+    t = candidate.temperature or 1.0
+    lp_cand = response_logprobs(candidate.model, candidate.tokenizer, states, cand_ids, t, bs)
+    lp_base = response_logprobs(baseline.model, baseline.tokenizer, states, cand_ids, t, bs)
     tokens = sum(len(x) for x in lp_cand)
     kl = float(sum(float((a - b).sum()) for a, b in zip(lp_cand, lp_base)) / max(tokens, 1))
     metrics = {
         "states": len(states),
         "q_baseline_mean": float(np.mean(q_base)),
         "q_candidate_mean": float(np.mean(q_cand)),
-        "improvement": paired_improvement(q_cand, q_base, e.bootstrap_resamples, e.alpha),
+        "improvement": paired_bootstrap(q_cand, q_base, e.bootstrap_resamples, seed=0),
         "kl_per_token": kl,
         "q_error_p90": q_error.get("q_error_p90"),
         "q_error_mean": q_error.get("q_error_mean"),

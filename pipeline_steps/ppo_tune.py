@@ -81,6 +81,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from pipeline_steps.common.config import ConfigError, Params, PPOTuneParams, load_params
+from pipeline_steps.common.policies import response_logprobs
+from pipeline_steps.common.stats import paired_bootstrap
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
 
 if TYPE_CHECKING:
@@ -522,57 +524,6 @@ def sample_responses(model: Any, tokenizer: Any, states: Sequence[str], p: PPOTu
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
             out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
-
-
-def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
-                      temperature: float, batch_size: int) -> list[np.ndarray]:
-    """Per-token log-probabilities (at ``temperature``) of each response given its state; right-padded batches."""
-    import torch
-
-    out: list[np.ndarray] = []
-    for lo in range(0, len(states), batch_size):
-        seqs, starts = [], []
-        for s, r in zip(states[lo : lo + batch_size], responses[lo : lo + batch_size]):
-            q = tokenizer(s, add_special_tokens=False)["input_ids"]
-            seqs.append(q + list(r))
-            starts.append(len(q))
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(seqs):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float() / temperature
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        for i, (x, st) in enumerate(zip(seqs, starts)):
-            out.append(logp[i, st - 1 : len(x) - 1].numpy().astype(np.float64))
-    return out
-
-
-def paired_bootstrap(q_new: np.ndarray, q_old: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
-    """Mean of ``q_new - q_old`` over states with a 95% bootstrap CI, resampling states (pairs kept together)."""
-    from scipy.stats import bootstrap
-
-    q_new, q_old = np.asarray(q_new, float), np.asarray(q_old, float)
-    diff = q_new - q_old
-    result: dict[str, Any] = {"mean": float(diff.mean()), "n_states": int(len(diff))}
-    if len(diff) < 2 or np.allclose(diff, diff[0]):
-        result.update(ci_low=float(diff.mean()), ci_high=float(diff.mean()), method="degenerate")
-        return result
-
-    def stat(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.mean(a - b, axis=axis)
-
-    for method in ("BCa", "percentile"):  # BCa can be undefined on tiny samples; percentile always is
-        res = bootstrap((q_new, q_old), stat, paired=True, vectorized=True, n_resamples=resamples,
-                        confidence_level=0.95, method=method, rng=np.random.default_rng(seed))
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if math.isfinite(lo) and math.isfinite(hi):
-            result.update(ci_low=lo, ci_high=hi, method=method)
-            return result
-    result.update(ci_low=float("nan"), ci_high=float("nan"), method="failed")
-    return result
 
 
 def theorem1_check(old: Any, new: Any, tokenizer: Any, scorer: Any, q_tok: Any, states: Sequence[str], p: PPOTuneParams,

@@ -77,7 +77,9 @@ def test_paired_improvement_ci_brackets_the_mean():
     rng = np.random.default_rng(0)
     base = rng.normal(0.3, 0.1, 200)
     cand = base + 0.05 + rng.normal(0, 0.02, 200)
-    r = evaluate.paired_improvement(cand, base, 1000, 0.05)
+    from pipeline_steps.common.stats import paired_bootstrap
+
+    r = paired_bootstrap(cand, base, 1000, seed=0)
     assert r["ci_low"] < r["mean"] < r["ci_high"] and r["ci_low"] > 0.04 and r["ci_high"] < 0.06
 
 

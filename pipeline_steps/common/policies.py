@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+import numpy as np
+
 from pipeline_steps.common.contract import ABSTAIN_MARKER, HistoryTurn, render_state
 
 
@@ -253,3 +255,29 @@ def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0)
         policy_id=policy_id,
         policy_version=str(version),
     )
+
+
+def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
+                      temperature: float, batch_size: int) -> list[np.ndarray]:
+    """Per-token log-probabilities (at ``temperature``) of each response given its state; right-padded batches."""
+    import torch
+
+    out: list[np.ndarray] = []
+    for lo in range(0, len(states), batch_size):
+        seqs, starts = [], []
+        for s, r in zip(states[lo : lo + batch_size], responses[lo : lo + batch_size]):
+            q = tokenizer(s, add_special_tokens=False)["input_ids"]
+            seqs.append(q + list(r))
+            starts.append(len(q))
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float() / temperature
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        for i, (x, st) in enumerate(zip(seqs, starts)):
+            out.append(logp[i, st - 1 : len(x) - 1].numpy().astype(np.float64))
+    return out

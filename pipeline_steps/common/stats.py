@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
 
 from statsmodels.stats.proportion import proportion_confint
 
@@ -30,3 +34,28 @@ def proportion_ci(successes: int, trials: int, alpha: float = 0.05) -> Proportio
         return Proportion(successes, trials, float("nan"), float("nan"), float("nan"))
     low, high = proportion_confint(successes, trials, alpha=alpha, method="wilson")
     return Proportion(int(successes), int(trials), successes / trials, float(low), float(high))
+
+
+def paired_bootstrap(q_new: np.ndarray, q_old: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
+    """Mean of ``q_new - q_old`` over states with a 95% bootstrap CI, resampling states (pairs kept together)."""
+    from scipy.stats import bootstrap
+
+    q_new, q_old = np.asarray(q_new, float), np.asarray(q_old, float)
+    diff = q_new - q_old
+    result: dict[str, Any] = {"mean": float(diff.mean()), "n_states": int(len(diff))}
+    if len(diff) < 2 or np.allclose(diff, diff[0]):
+        result.update(ci_low=float(diff.mean()), ci_high=float(diff.mean()), method="degenerate")
+        return result
+
+    def stat(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(a - b, axis=axis)
+
+    for method in ("BCa", "percentile"):  # BCa can be undefined on tiny samples; percentile always is
+        res = bootstrap((q_new, q_old), stat, paired=True, vectorized=True, n_resamples=resamples,
+                        confidence_level=0.95, method=method, rng=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if math.isfinite(lo) and math.isfinite(hi):
+            result.update(ci_low=lo, ci_high=hi, method=method)
+            return result
+    result.update(ci_low=float("nan"), ci_high=float("nan"), method="failed")
+    return result

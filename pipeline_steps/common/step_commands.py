@@ -219,7 +219,7 @@ STEPS_SPEC: tuple[Step, ...] = (
         ),
         data=(Q_MODEL,),
         code=("pipeline_steps/ppo_tune.py", "pipeline_steps/returns.py", "pipeline_steps/common/q_model.py",
-              "pipeline_steps/common/policies.py",
+              "pipeline_steps/common/policies.py", "pipeline_steps/common/stats.py",
               "pipeline_steps/common/q_input.py", "pipeline_steps/common/contract.py", "pipeline_steps/common/config.py",
               "pipeline_steps/common/tracking.py", "pipeline_steps/common/base_model.py", "pipeline_steps/world/simulator.py",
               "pipeline_steps/world/verticals"),
