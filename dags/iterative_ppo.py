@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 PARAM_DEFAULTS = {'collect.policy': 'auto',
  'collect.conversations': 64,
  'base_model.name_or_path': 'smollm2-135m-instruct',
- 'fit_q.epochs': 4,
- 'ppo_tune.total_episodes': 128,
- 'evaluate.ab_conversations': 200}
+ 'fit_q.epochs': 2,
+ 'ppo_tune.total_episodes': 64,
+ 'evaluate.ab_conversations': 64}
 ORCHESTRATION = {'executor': 'local',
  'schedule': '0 6 * * 1',
  'start_date': '2026-01-05',
