@@ -43,7 +43,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DND_FILE = "/work/shared/data/dealornodeal/val.txt"
+DND_FILE = os.environ.get(
+    "IPPO_DND_FILE", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "dealornodeal" / "val.txt")
+)
 DND_SYSTEM_PROMPT = (
     "You suggest the next message for YOU, who negotiates with THEM over how to split books, hats and balls."
 )

@@ -11,6 +11,20 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODEL_CACHE = Path(os.environ.get("IPPO_MODEL_CACHE", REPO / "models"))
+# Real data no one on the team wrote lies in shared/ beside the checkout (CI lays it there too).
+SHARED_DIR = Path(os.environ.get("IPPO_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def dealornodeal_file() -> Path:
+    """The real Deal-or-No-Deal validation dialogues; mandatory in CI, skipped elsewhere when absent."""
+    path = SHARED_DIR / "data" / "dealornodeal" / "val.txt"
+    if not path.is_file():
+        message = f"{path} not found (set IPPO_SHARED_DIR to the folder holding data/dealornodeal/)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from pipeline_steps.common.contract import LOG_SCHEMA, conversation_rule_violati
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = REPO / "tests" / "data" / "bad_logs"
-DND = REPO.parent / "shared" / "data" / "dealornodeal" / "val.txt"
 
 
 def md5(path: Path) -> str:
@@ -173,7 +172,8 @@ def test_unreachable_s3_endpoint_is_a_clear_error_and_writes_nothing(tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
-def test_dealornodeal_adapter_imports_every_dialogue_with_its_outcome(tmp_path):
+def test_dealornodeal_adapter_imports_every_dialogue_with_its_outcome(tmp_path, dealornodeal_file):
+    DND = dealornodeal_file
     lines = [ln for ln in DND.read_text(encoding="utf-8").split("\n") if ln.strip()]
     no_deal = sum(bool(re.search(r"<output>[^<]*<(disagree|no_agreement|disconnect)>", ln)) for ln in lines)
     summary, out = run_ingest(tmp_path, DND, "--format", "dealornodeal")
@@ -200,7 +200,8 @@ def test_dealornodeal_adapter_imports_every_dialogue_with_its_outcome(tmp_path):
     assert third[-1]["outcome"] == 1 and third[-1]["customer_message"] == "<selection>"
 
 
-def test_dealornodeal_can_log_the_human_messages_as_abstained(tmp_path):
+def test_dealornodeal_can_log_the_human_messages_as_abstained(tmp_path, dealornodeal_file):
+    DND = dealornodeal_file
     line = DND.read_text(encoding="utf-8").split("\n")[1]
     recs = ingest_step.dealornodeal_records(line, "val.txt:2", "dnd-val-00002", T0, "abstained")
     assert all(r["suggestion"] is None and r["relation"] == "abstained" for r in recs[:-1])
