@@ -146,8 +146,12 @@ def ab_in_world(params: Params, baseline: Any, candidate: Any, world: Any) -> tu
     e = params.evaluate
     seed = params.world.seed + e.ab_seed
     arms = {}
+    from tqdm.auto import tqdm
+
     for name, pol in (("control", baseline), ("treatment", candidate)):
-        arms[name] = world.run(pol, e.ab_conversations, seed=seed, batch_size=params.collect.batch_size, variant=name)
+        with tqdm(total=e.ab_conversations, desc=f"A/B {name}", unit="conv") as bar:
+            arms[name] = world.run(pol, e.ab_conversations, seed=seed, batch_size=params.collect.batch_size,
+                                   variant=name, progress=bar.update)
     stats = ab_test(sum(c.converted for c in arms["control"]), len(arms["control"]),
                     sum(c.converted for c in arms["treatment"]), len(arms["treatment"]), e.alpha, e.power)
     stats["mode"] = "world"
