@@ -96,17 +96,6 @@ class ContractViolation(ValueError):
         super().__init__(f"{record}: rule '{rule}' violated: {detail}")
 
 
-def relation_of(suggestion: str | None, business_message: str | None, edited: bool) -> str:
-    """The relation label implied by a suggestion and what was sent."""
-    if suggestion is None:
-        return "abstained"
-    if business_message is None:
-        return "rejected"
-    if business_message == suggestion:
-        return "verbatim"
-    return "edited" if edited else "rejected"
-
-
 def turn_rule_violations(t: dict[str, Any]) -> list[tuple[str, str]]:
     """Row-level rules of one record, as ``(rule, detail)`` pairs (empty when the record is valid)."""
     out: list[tuple[str, str]] = []

@@ -9,7 +9,7 @@ always gives the same features; embeddings are cached by text.
 from __future__ import annotations
 
 import re
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -155,6 +155,3 @@ def mentioned_terms(text: str, terms: Sequence[str]) -> list[str]:
     low = text.lower()
     return [t for t in terms if re.search(r"(?<![a-z0-9])" + re.escape(str(t).lower()) + r"(?![a-z0-9])", low)]
 
-
-def word_counts(text: str) -> Counter:
-    return Counter(content_words(text))

@@ -242,12 +242,12 @@ class World:
         assert len(convs) == len(suggestions)
         texts = [s.text for s in suggestions if s.text is not None]
         feats = dict(zip(texts, self.featurizer(texts))) if texts else {}
-        sent: list[tuple[str | None, str, bool]] = []
+        sent: list[tuple[str | None, str]] = []
         for conv, sug in zip(convs, suggestions):
             sent.append(self._business_decides(conv, sug.text, feats.get(sug.text) if sug.text else None))
-        sent_texts = [m for m, _, _ in sent if m is not None]
+        sent_texts = [m for m, _ in sent if m is not None]
         sent_feats = dict(zip(sent_texts, self.featurizer(sent_texts))) if sent_texts else {}
-        for conv, sug, (msg, relation, _) in zip(convs, suggestions, sent):
+        for conv, sug, (msg, relation) in zip(convs, suggestions, sent):
             rec = conv.records[-1]
             conv.clock += timedelta(seconds=int(conv.rng.integers(20, 300)))
             rec.update(
@@ -307,17 +307,17 @@ class World:
             out = out + " Thanks!" if not out.endswith("Thanks!") else "Hi! " + out
         return out.strip() or text
 
-    def _business_decides(self, conv: Conversation, suggestion: str | None, f: MessageFeatures | None) -> tuple[str | None, str, bool]:
+    def _business_decides(self, conv: Conversation, suggestion: str | None, f: MessageFeatures | None) -> tuple[str | None, str]:
         rng = conv.rng
         if rng.random() < self.params.business.stop_rate:
-            return None, ("abstained" if suggestion is None else "rejected"), False
+            return None, ("abstained" if suggestion is None else "rejected")
         if suggestion is None:
-            return self._habitual_message(conv), "abstained", False
+            return self._habitual_message(conv), "abstained"
         assert f is not None
         if rng.random() < self.send_probability(f, conv):
             sent = self._edit(suggestion, f, rng)
-            return sent, ("verbatim" if sent == suggestion else "edited"), True
-        return self._habitual_message(conv), "rejected", False
+            return sent, ("verbatim" if sent == suggestion else "edited")
+        return self._habitual_message(conv), "rejected"
 
     # --- the customer (P(s_{i+1} | s_i, a_i, m_i)) -------------------------------------------
 
