@@ -106,6 +106,17 @@ def check_rows(table: pa.Table, where: str) -> None:
         )
 
 
+SENT_RELATIONS = ("verbatim", "edited")
+
+
+def target_values(table: pa.Table, target: str) -> np.ndarray:
+    """The regression target of every row: G (``return``) or the immediate sent-or-not reward (``sent``)."""
+    if target == "sent":
+        relation = np.asarray(table.column("relation").to_pylist(), dtype=object)
+        return np.isin(relation, SENT_RELATIONS).astype(float)
+    return table.column("G").to_numpy(zero_copy_only=False).astype(float)
+
+
 def check_target_varies(g: np.ndarray, where: str) -> None:
     """A constant target (e.g. no conversation converted) teaches Q nothing; refuse it."""
     if g.size and float(np.ptp(g)) == 0.0:
@@ -145,7 +156,7 @@ def split_indices(table: pa.Table, fq: FitQParams, where: str) -> tuple[np.ndarr
     split = np.asarray(table.column("split").to_pylist(), dtype=object)
     train_idx = np.flatnonzero(split == "train")
     train_idx = train_idx[sample_train(len(train_idx), fq.max_train_rows, fq.data_seed)]
-    check_target_varies(table.column("G").to_numpy(zero_copy_only=False).astype(float)[train_idx], where)
+    check_target_varies(target_values(table, fq.target)[train_idx], where)
     return train_idx, np.flatnonzero(split == "validation")
 
 
@@ -502,7 +513,7 @@ def fit_q(
     fq = params.fit_q
     pad = tokenizer.pad_token_id
     train_idx, val_idx = split_indices(table, fq, where)
-    g_all = table.column("G").to_numpy(zero_copy_only=False).astype(float)
+    g_all = target_values(table, fq.target)
     outcome_all = table.column("outcome").to_numpy(zero_copy_only=False).astype(int)
 
     states = table.column("state_text").to_pylist()
@@ -554,7 +565,9 @@ def fit_q(
             )
             manifest = {
                 "format": MANIFEST_FORMAT,
-                "target": "G, the Monte-Carlo return (paper Observation 2); Q = the raw head output (MSE fit)",
+                "target": ("G, the Monte-Carlo return (paper Observation 2); Q = the raw head output (MSE fit)"
+                           if fq.target == "return" else
+                           "sent: 1 if the business sent the suggestion (verbatim/edited), else 0 (myopic immediate reward)"),
                 "base_model": params.base_model.name_or_path,
                 "base_model_path": str(base_path),
                 "max_action_tokens": fq.max_action_tokens,

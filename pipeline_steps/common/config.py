@@ -246,6 +246,11 @@ class ReturnsParams(Section):
 class FitQParams(Section):
     """Fit Q(s, a) ~ G on the returns rows (paper Observation 2): LoRA on the base LM plus a scalar head."""
 
+    target: Literal["return", "sent"] = Field(
+        "return", description="What Q regresses on. 'return': G, the Monte-Carlo return of the final outcome "
+        "(Iterative PPO). 'sent': the immediate reward 1 if the business sent the suggestion (verbatim or "
+        "edited) else 0, the single-turn signal of a myopic RLHF reward model (the baseline of `ippo bench`).",
+    )
     max_action_tokens: int = Field(
         64, gt=0, description="Action tokens kept (the state is already budgeted by prompt.max_prompt_tokens); "
         "keep >= the PPO step's response length so Q has seen actions as long as the ones it scores.",
@@ -469,6 +474,30 @@ class OrchestrationParams(Section):
     alert_email: str | None = Field(None, description="Also e-mail task failures here (Airflow SMTP connection).")
 
 
+class BenchParams(Section):
+    """``ippo bench iterate``: K iterations of the pipeline and the baselines, on the same seeded personas.
+
+    Every policy is scored in the world on the personas of the evaluate step's A/B test
+    (``world.seed + evaluate.ab_seed``, ``evaluate.ab_conversations`` conversations), so rows compare on
+    common random numbers. Not a pipeline stage: DVC and the DAG ignore this section.
+    """
+
+    iterations: int = Field(3, ge=1, description="K: pi_0 -> pi_1 -> ... -> pi_K, each a full pipeline iteration.")
+    baselines: list[Literal["best_of_n", "myopic", "expert"]] = Field(
+        default_factory=lambda: ["best_of_n", "myopic", "expert"],
+        description="best_of_n: pi_0's samples reranked by Q_0; myopic: the same PPO with an immediate reward "
+        "model (fit_q.target: sent) instead of Q; expert: the scripted outcome-driven ceiling.",
+    )
+    best_of_n: int = Field(4, ge=2, description="Samples of pi_0 per turn that Q_0 reranks.")
+    expert: str = Field("expert", description="Scripted policy used as the ceiling (pipeline_steps.world.scripted).")
+    follow_gates: bool = Field(
+        False, description="false: pi_{k+1} always becomes the next iteration's policy (Algorithm 1 as written); "
+        "true: only when both registry gates pass (auto-approved as reviewer 'ippo-bench'), else pi_k stays.",
+    )
+    kl_states: int = Field(32, ge=1, description="Held-out states of iteration 1 on which KL(pi_k || pi_0) is estimated.")
+    collect_seed_stride: int = Field(1, ge=1, description="collect.seed of iteration k = collect.seed + (k-1) * stride.")
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -485,6 +514,7 @@ class Params(Section):
     fit_q: FitQParams = Field(default_factory=FitQParams)
     ppo_tune: PPOTuneParams = Field(default_factory=PPOTuneParams)
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
+    bench: BenchParams = Field(default_factory=BenchParams)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:

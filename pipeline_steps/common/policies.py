@@ -174,6 +174,45 @@ class PersonaExplorationPolicy(LLMPolicy):
         return [Suggestion(clean_generation(r), {"persona": s}) for r, s in zip(raw, styles)]
 
 
+@dataclass
+class BestOfNPolicy:
+    """Inference-time improvement without training: ``n`` samples of a policy per turn, the one Q ranks highest.
+
+    The baseline that asks how much of Iterative PPO's gain reranking by Q_0 alone gets (``ippo bench``).
+    Q reads the state exactly as it was rendered for the policy (:func:`render_state`), so it scores the
+    same (state, action) pairs it was fit on.
+    """
+
+    base: LLMPolicy
+    q_model: Any
+    q_tokenizer: Any
+    n: int = 4
+    max_action_tokens: int | None = None
+    score_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        self.policy_id = f"best_of_{self.n}"
+        self.policy_version = self.base.policy_version
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.base.stats
+
+    def suggest(self, histories: Sequence[Sequence[HistoryTurn]], keys: Sequence[str]) -> list[Suggestion]:
+        from pipeline_steps.common.q_input import action_text
+        from pipeline_steps.common.q_model import score
+
+        prompts = self.base.prompts(histories)
+        repeated = [p for p in prompts for _ in range(self.n)]
+        raw = self.base.generate(repeated, stable_seed(self.base.seed, "best_of_n", *keys, *(len(h) for h in histories)))
+        texts = [clean_generation(r) for r in raw]
+        q = score(self.q_model, self.q_tokenizer, repeated, [action_text(t) for t in texts],
+                  batch_size=self.score_batch_size, max_action_tokens=self.max_action_tokens)
+        best = q.reshape(len(prompts), self.n).argmax(axis=1)
+        return [Suggestion(texts[i * self.n + int(j)], {"best_of_n": {"n": self.n, "q": float(q[i * self.n + int(j)])}})
+                for i, j in enumerate(best)]
+
+
 def registered_policy_dir(uri: str) -> str:
     """Download a registered policy (``models:/<name>@<alias>`` or ``/<version>``) and return its HF folder.
 
