@@ -132,6 +132,29 @@ def status(model: str = MODEL_OPT, tracking_uri: str = URI_OPT) -> None:
     Console().print(table)
 
 
+bench_app = typer.Typer(help="Benchmarks of the whole method (see README, 'The proof').", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("iterate")
+def bench_iterate(
+    profile: list[str] = typer.Option([], "--profile", help="Profile(s) merged over params.yaml, e.g. profiles/bench-cpu.yaml."),
+    out: str = typer.Option("bench_runs/default", "--out", help="Folder of the run (resumable; results.{json,md,png})."),
+    iterations: int = typer.Option(None, "--iterations", help="Override bench.iterations (K)."),
+    params_path: str = typer.Option("params.yaml", "--params", help="Base params.yaml."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete --out first instead of resuming."),
+) -> None:
+    """K iterations of the pipeline against pi_0, best-of-n with Q_0, myopic PPO and the expert, same personas."""
+    from pipeline_steps.bench.iterate import BenchError, bench_iterate as run
+    from pipeline_steps.common.config import ConfigError
+
+    try:
+        run(params_path, profile, out, iterations=iterations, fresh=fresh, echo=typer.echo)
+    except (BenchError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""

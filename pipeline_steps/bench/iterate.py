@@ -21,9 +21,11 @@ One run, one seeded world:
    per-token ``KL(pi || pi_0)`` on iteration 1's held-out states, wall time per step; the issue's targets
    checked. Written to ``<out>/results.json``, ``results.md`` and ``results.png``.
 
-Every unit of work leaves a marker when it succeeds, so an interrupted bench resumes where it stopped
-(re-run the same command); ``--fresh`` starts over. A different configuration in an existing ``--out`` is
-refused rather than mixed.
+Iteration 1 runs first, then the baselines (they need only Q_0 and iteration 1's data), then iterations
+2..K, so an interrupted run already holds every comparison with pi_1. Every unit of work leaves a marker
+when it succeeds: re-running the same command resumes where it stopped, ``--iterations`` with another K
+extends a finished run (or reports its first K), ``--fresh`` starts over. Any other difference in the
+configuration of an existing ``--out`` is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -181,12 +183,12 @@ def read_json(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_iterations(runner: Runner, base: dict[str, Any], iterations: int) -> list[dict[str, Any]]:
-    """Iterations 1..K of the pipeline; returns one record per iteration (policies, metrics, step times)."""
+def run_iterations(runner: Runner, base: dict[str, Any], first: int, last: int, previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Iterations ``first..last`` of the pipeline after ``previous``; one record per iteration (policies, metrics, step times)."""
     params = Params.model_validate(base)
-    policy = params.collect.policy
+    policy = previous[-1]["next_policy"] if previous else params.collect.policy
     out = []
-    for k in range(1, iterations + 1):
+    for k in range(first, last + 1):
         root = runner.out / f"iter_{k}"
         data = iteration_config(base, k, policy)
         params_file = root / "params.yaml"
@@ -304,31 +306,40 @@ def run_baselines(runner: Runner, base: dict[str, Any], iters: list[dict[str, An
 
 
 def kl_from_pi0(runner: Runner, base: dict[str, Any], policies: dict[str, str], returns_path: Path) -> dict[str, float]:
-    """Per-token ``KL(pi || pi_0)`` of each policy folder, on iteration 1's held-out states (as evaluate computes it)."""
+    """Per-token ``KL(pi || pi_0)`` of each policy folder, on iteration 1's held-out states (as evaluate computes it).
+
+    ``sum(log pi - log pi_0) / tokens`` over pi's own samples at its sampling temperature: a Monte-Carlo
+    estimate of the KL per token. One unit of work per policy (an extended run computes only the new ones).
+    """
     params = Params.model_validate(base)
+    cache: dict[str, Any] = {}
 
-    def compute() -> dict[str, float]:
+    def setup() -> tuple[Any, list[str], Any]:
+        if not cache:
+            from pipeline_steps.common.policies import load_policy
+            from pipeline_steps.evaluate import heldout_states
+            from pipeline_steps.world.simulator import World
+
+            cache["vertical"] = World(params.world).vertical
+            cache["states"] = heldout_states(returns_path, params.bench.kl_states)
+            cache["pi0"] = load_policy("pi0", params, cache["vertical"])
+        return cache["vertical"], cache["states"], cache["pi0"]
+
+    def compute(folder: str) -> float:
         from pipeline_steps.common.policies import load_policy, response_logprobs
-        from pipeline_steps.evaluate import heldout_states, sample_suggestions
-        from pipeline_steps.world.simulator import World
+        from pipeline_steps.evaluate import sample_suggestions
 
-        vertical = World(params.world).vertical
-        states = heldout_states(returns_path, params.bench.kl_states)
-        pi0 = load_policy("pi0", params, vertical)
+        vertical, states, pi0 = setup()
         bs = params.collect.batch_size
-        out = {}
-        for name, folder in policies.items():
-            pol = load_policy(folder, params, vertical)
-            _, ids = sample_suggestions(pol, states, bs, seed=params.world.seed)
-            t = pol.temperature or 1.0
-            lp = response_logprobs(pol.model, pol.tokenizer, states, ids, t, bs)
-            lp0 = response_logprobs(pi0.model, pi0.tokenizer, states, ids, t, bs)
-            tokens = sum(len(x) for x in lp)
-            out[name] = float(sum(float((a - b).sum()) for a, b in zip(lp, lp0)) / max(tokens, 1))
-            del pol
-        return out
+        pol = load_policy(folder, params, vertical)
+        _, ids = sample_suggestions(pol, states, bs, seed=params.world.seed)
+        t = pol.temperature or 1.0
+        lp = response_logprobs(pol.model, pol.tokenizer, states, ids, t, bs)
+        lp0 = response_logprobs(pi0.model, pi0.tokenizer, states, ids, t, bs)
+        tokens = sum(len(x) for x in lp)
+        return float(sum(float((a - b).sum()) for a, b in zip(lp, lp0)) / max(tokens, 1))
 
-    return runner.unit("kl_from_pi0", compute)["result"]
+    return {name: runner.unit(f"kl_from_pi0/{name}", lambda f=folder: compute(f))["result"] for name, folder in policies.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,6 +478,13 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
+def _without_k(data: dict[str, Any]) -> dict[str, Any]:
+    """The config minus ``bench.iterations``: a finished run can be extended (or reported) with another K."""
+    d = copy.deepcopy(data)
+    d.get("bench", {}).pop("iterations", None)
+    return d
+
+
 def bench_iterate(params_path: str | Path, profiles: Sequence[str | Path], out: str | Path, iterations: int | None = None,
                   fresh: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the whole bench; returns the results mapping (also written under ``out``)."""
@@ -477,13 +495,16 @@ def bench_iterate(params_path: str | Path, profiles: Sequence[str | Path], out: 
     if fresh and out.exists():
         shutil.rmtree(out)
     cfg = out / "params.yaml"
-    if cfg.exists() and read_yaml(cfg) != base:
+    if cfg.exists() and _without_k(read_yaml(cfg)) != _without_k(base):
         raise BenchError(f"{out}: holds a bench run with other params ({cfg}); use --fresh or another --out")
     write_yaml(cfg, base)
     t0 = time.perf_counter()
     runner = Runner(out, echo)
-    iters = run_iterations(runner, base, params.bench.iterations)
+    # Iteration 1 first, then the baselines (they need only Q_0 and D_0), then iterations 2..K: an interrupted
+    # run already holds every comparison with pi_1.
+    iters = run_iterations(runner, base, 1, 1, [])
     baselines = run_baselines(runner, base, iters)
+    iters += run_iterations(runner, base, 2, params.bench.iterations, iters)
     policies = {f"pi_{it['k']}": it["candidate"] for it in iters}
     if "myopic" in baselines:
         policies["myopic"] = baselines["myopic"]["policy"]
