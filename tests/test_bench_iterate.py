@@ -106,7 +106,13 @@ def tiny_bench(tmp_path_factory):
     data["base_model"]["cache_dir"] = str(MODEL_CACHE)
     (tmp / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     profile = tmp / "bench-tiny.yaml"
-    profile.write_text(yaml.safe_dump({"bench": {"iterations": 2, "best_of_n": 2, "kl_states": 4}}))
+    # Q needs converting conversations in every iteration's logs: a business that books and probes more often
+    # (its replacements convert even when the tiny model's text is rejected) and 16 conversations per week.
+    profile.write_text(yaml.safe_dump({
+        "bench": {"iterations": 2, "best_of_n": 2, "kl_states": 4},
+        "collect": {"conversations": 16, "batch_size": 16},
+        "world": {"business": {"habit_mix": {"generic_question": 0.1, "friendly": 0.1, "book": 0.4, "probe": 0.4}}},
+    }))
     os.environ["TQDM_DISABLE"] = "1"
     out = tmp / "run"
     profiles = [REPO / "profiles/tiny.yaml", profile]
