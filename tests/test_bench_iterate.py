@@ -106,12 +106,16 @@ def tiny_bench(tmp_path_factory):
     data["base_model"]["cache_dir"] = str(MODEL_CACHE)
     (tmp / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     profile = tmp / "bench-tiny.yaml"
-    # Q needs converting conversations in every iteration's logs: a business that books and probes more often
-    # (its replacements convert even when the tiny model's text is rejected) and 16 conversations per week.
+    # Q needs converting conversations in every iteration's logs, and the tiny model's random text is mostly
+    # rejected: eager customers (trusting, ready, one need to reveal) and a business that books more often
+    # convert ~3 in 16 conversations, whatever the policy says.
+    eager = {"trust": {"low": 0.8, "high": 0.9}, "readiness": {"low": 0.9, "high": 0.95},
+             "needs_to_reveal": {"low": 1, "high": 1}}
     profile.write_text(yaml.safe_dump({
         "bench": {"iterations": 2, "best_of_n": 2, "kl_states": 4},
         "collect": {"conversations": 16, "batch_size": 16},
-        "world": {"business": {"habit_mix": {"generic_question": 0.1, "friendly": 0.1, "book": 0.4, "probe": 0.4}}},
+        "world": {"personas": {name: eager for name in data["world"]["personas"]},
+                  "business": {"habit_mix": {"generic_question": 0.3, "friendly": 0.1, "book": 0.4, "probe": 0.2}}},
     }))
     os.environ["TQDM_DISABLE"] = "1"
     out = tmp / "run"
@@ -137,7 +141,7 @@ def test_bench_reports_every_policy_on_the_same_personas(tiny_bench):
     for r in res["rows"][1:3]:
         assert set(r["lift_vs_previous"]) >= {"lift_abs", "lift_ci_low", "lift_ci_high", "p_value"}
         assert r["kl_from_pi0"] is not None and np.isfinite(r["kl_from_pi0"])
-        assert r["registered_version"] == r["policy"].split("_")[1]  # one model version per iteration
+        assert str(r["registered_version"]) == r["policy"].split("_")[1]  # one model version per iteration
     assert set(res["step_seconds"]["pi_1"]) == {"collect", "ingest", "validate", "returns", "fit_q", "ppo_tune",
                                                "evaluate", "register"}
     assert set(res["targets"]) == {"ab_lift_not_significantly_negative", "pi_K_beats_pi_0", "pi_K_beats_myopic",

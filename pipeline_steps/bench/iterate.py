@@ -194,7 +194,7 @@ def run_iterations(runner: Runner, base: dict[str, Any], first: int, last: int, 
         params_file = root / "params.yaml"
         if not params_file.exists():
             write_yaml(params_file, data)
-        elif read_yaml(params_file) != data:
+        elif _without_k(read_yaml(params_file)) != _without_k(data):
             raise BenchError(f"{params_file}: iteration {k} already ran with other params; use --fresh or another --out")
         times = {}
         for step in STEPS:
