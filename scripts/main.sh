@@ -17,6 +17,7 @@ if [ "${1:-}" = "--profile" ]; then profile="${2:?--profile needs a name (profil
 git rev-parse --is-inside-work-tree >/dev/null 2>&1 || git init -q
 [ -f .dvc/config ] || dvc init -q
 
+started=$(date +%s)
 if [ -n "$profile" ]; then
   echo "==> one iteration: dvc exp run with profiles/$profile.yaml"
   # shellcheck disable=SC2046  # the -S flags are meant to split
@@ -26,5 +27,7 @@ else
   dvc repro "$@"
 fi
 
+elapsed=$(( $(date +%s) - started ))
 echo "==> summary"
 python -m pipeline_steps.cli summary
+printf '==> iteration wall time: %d min %02d s (stages that were up to date were skipped)\n' $((elapsed / 60)) $((elapsed % 60))
