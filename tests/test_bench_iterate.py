@@ -202,3 +202,21 @@ def test_cli_bench_iterate_reports_a_failed_step_with_its_log(tmp_path):
     assert result.exit_code == 1
     assert "iter_1/collect: exit code" in result.output and "collect.log" in result.output
     assert not list((tmp_path / "run" / ".done").glob("*.json"))
+
+
+def test_follow_gates_acts_as_the_reviewer_only_when_both_gates_pass(tiny_bench):
+    """bench.follow_gates: a version that passed both gates is approved by 'ippo-bench' and becomes champion."""
+    from pipeline_steps.bench.iterate import REVIEWER, Runner, _approve_and_promote
+    from pipeline_steps.common import registry
+
+    out = tiny_bench["out"]
+    runner = Runner(out, echo=lambda _: None)
+    uri = runner.env["MLFLOW_TRACKING_URI"]
+    reg = json.loads((out / "iter_1/metrics/register.json").read_text())
+    assert reg["gates"]["passed"]  # profiles/tiny.yaml opens the gates
+    assert _approve_and_promote(runner, {**reg, "gates": {**reg["gates"], "passed": False}}) is False
+    assert registry.current_champion(reg["policy"]["name"], tracking_uri=uri) is None
+    assert _approve_and_promote(runner, reg) is True
+    assert str(registry.current_champion(reg["policy"]["name"], tracking_uri=uri)) == str(reg["policy"]["version"])
+    history = registry.status(reg["policy"]["name"], tracking_uri=uri)
+    assert any(REVIEWER in json.dumps(v) for v in history)
