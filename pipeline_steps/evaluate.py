@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline_steps.common.ab_stats import ab_test
 from pipeline_steps.common.config import ConfigError, Params, load_params
-from pipeline_steps.common.policies import response_logprobs
+from pipeline_steps.common.policies import kl_per_token
 from pipeline_steps.common.stats import paired_bootstrap
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
 
@@ -102,12 +102,7 @@ def offline_evaluation(params: Params, baseline: Any, candidate: Any, q_dir: str
     q_model, q_tok = load_scorer(q_dir)
     q_base = score(q_model, q_tok, states, [action_text(t) for t in base_texts])
     q_cand = score(q_model, q_tok, states, [action_text(t) for t in cand_texts])
-    # KL at the deployed sampling temperature (the distribution the A/B test draws from).
-    t = candidate.temperature or 1.0
-    lp_cand = response_logprobs(candidate.model, candidate.tokenizer, states, cand_ids, t, bs)
-    lp_base = response_logprobs(baseline.model, baseline.tokenizer, states, cand_ids, t, bs)
-    tokens = sum(len(x) for x in lp_cand)
-    kl = float(sum(float((a - b).sum()) for a, b in zip(lp_cand, lp_base)) / max(tokens, 1))
+    kl = kl_per_token(candidate, baseline, states, cand_ids, bs)  # at the deployed sampling temperature
     metrics = {
         "states": len(states),
         "q_baseline_mean": float(np.mean(q_base)),

@@ -97,3 +97,39 @@ def test_ab_from_production_logs(tmp_path, params):
     assert curves["treatment"][1] == 0.5
     with pytest.raises(ValueError, match="no conversations with variant 'nope'"):
         evaluate.ab_from_logs(params, tmp_path / "logs.parquet", "nope", "treatment")
+
+
+def test_kl_per_token_matches_an_unbatched_computation(tiny_model_dir, tokenizer):
+    """The batched, right-padded estimate equals sum(log pi - log pi_ref)/tokens computed one response at a time."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline_steps.common.policies import kl_per_token
+
+    torch.manual_seed(0)
+    pi = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        for w in ref.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    states = ["Customer: hi, how much for a kitchen?", "Customer: can you come on Monday? We need the bathroom done."]
+    responses = [tokenizer("Sure, about 9k.")["input_ids"], tokenizer("Yes, Monday at 10 works for us.")["input_ids"]]
+    t = 0.7
+
+    def logp(model, s, r):
+        q = tokenizer(s, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([q + r])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits.float() / t, dim=-1)
+        return np.array([float(lp[0, len(q) + i - 1, tok]) for i, tok in enumerate(r)])
+
+    diffs = np.concatenate([logp(pi, s, r) - logp(ref, s, r) for s, r in zip(states, responses)])
+    expected = float(diffs.sum() / len(diffs))
+    got = kl_per_token(SimpleNamespace(model=pi, tokenizer=tokenizer, temperature=t),
+                       SimpleNamespace(model=ref, tokenizer=tokenizer, temperature=1.0), states, responses, batch_size=2)
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert abs(expected) > 1e-3  # the perturbed reference differs: the check is not 0 == 0
+    same = SimpleNamespace(model=pi, tokenizer=tokenizer, temperature=t)
+    assert kl_per_token(same, same, states, responses, batch_size=1) == pytest.approx(0.0, abs=1e-6)

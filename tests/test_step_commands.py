@@ -123,3 +123,14 @@ def test_configure_rejects_a_bad_override(tmp_path):
         sc.main(["configure", "--base", str(REPO / "params.yaml"), "--out", str(tmp_path / "p.yaml"),
                  "--result", str(tmp_path / "r.json"), "--set-json", '{"collect.conversations": -1}'])
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_load_params_applies_dotted_overrides_and_names_the_bad_field(tmp_path):
+    from pipeline_steps.common.config import ConfigError, load_params
+
+    p = load_params(REPO / "params.yaml", {"fit_q.epochs": 3, "register.ab_gate.alpha": 0.1})
+    assert p.fit_q.epochs == 3 and p.registry.ab_gate.alpha == 0.1
+    with pytest.raises(ConfigError, match=r"params\.yaml: invalid configuration\n  - field 'fit_q.epochs'"):
+        load_params(REPO / "params.yaml", {"fit_q.epochs": 0})
+    merged = sc.deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 5}, "d": [2]})
+    assert merged == {"a": {"b": 5, "c": 2}, "d": [2]}  # mappings merge, lists replace

@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from pipeline_steps.common.config import ConfigError, Params, read_yaml
-from pipeline_steps.common.step_commands import POLICY, Q_MODEL, RETURNS, STEPS, argv, deep_merge
+from pipeline_steps.common.config import Params, apply_overrides, deep_merge, get_dotted, read_yaml, validate_params
+from pipeline_steps.common.step_commands import POLICY, Q_MODEL, RETURNS, STEPS, argv
 from pipeline_steps.common.tracking import write_json
 
 REVIEWER = "ippo-bench"
@@ -64,34 +64,11 @@ def bench_config(params_path: str | Path, profiles: Sequence[str | Path] = (), s
     data = read_yaml(params_path)
     for prof in profiles:
         deep_merge(data, read_yaml(prof))
-    for dotted, value in (sets or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+    apply_overrides(data, sets)
     cache = Path(data.get("base_model", {}).get("cache_dir", "models"))
     data.setdefault("base_model", {})["cache_dir"] = str(cache if cache.is_absolute() else cache.resolve())
-    validate_config(data, str(params_path))
+    validate_params(data, params_path)
     return data
-
-
-def validate_config(data: dict[str, Any], where: str) -> Params:
-    from pydantic import ValidationError
-
-    from pipeline_steps.common.config import _format_validation_error
-
-    try:
-        return Params.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(Path(where), exc)) from exc
-
-
-def _get(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for key in dotted.split("."):
-        node = node[key]
-    return node
 
 
 def iteration_config(base: dict[str, Any], k: int, policy: str) -> dict[str, Any]:
@@ -168,7 +145,7 @@ class Runner:
 
 def step_command(step: str, root: Path, params_file: Path, data: dict[str, Any], replace: dict[str, str] | None = None) -> list[str]:
     """The pipeline's command line for ``step`` with every path under ``root`` and values from ``data``."""
-    return argv(step, root=str(root), params_file=str(params_file), value=lambda key: str(_get(data, key)),
+    return argv(step, root=str(root), params_file=str(params_file), value=lambda key: str(get_dotted(data, key)),
                 python=sys.executable, replace=replace)
 
 
@@ -326,18 +303,14 @@ def kl_from_pi0(runner: Runner, base: dict[str, Any], policies: dict[str, str], 
         return cache["vertical"], cache["states"], cache["pi0"]
 
     def compute(folder: str) -> float:
-        from pipeline_steps.common.policies import load_policy, response_logprobs
+        from pipeline_steps.common.policies import kl_per_token, load_policy
         from pipeline_steps.evaluate import sample_suggestions
 
         vertical, states, pi0 = setup()
         bs = params.collect.batch_size
         pol = load_policy(folder, params, vertical)
         _, ids = sample_suggestions(pol, states, bs, seed=params.world.seed)
-        t = pol.temperature or 1.0
-        lp = response_logprobs(pol.model, pol.tokenizer, states, ids, t, bs)
-        lp0 = response_logprobs(pi0.model, pi0.tokenizer, states, ids, t, bs)
-        tokens = sum(len(x) for x in lp)
-        return float(sum(float((a - b).sum()) for a, b in zip(lp, lp0)) / max(tokens, 1))
+        return kl_per_token(pol, pi0, states, ids, bs)
 
     return {name: runner.unit(f"kl_from_pi0/{name}", lambda f=folder: compute(f))["result"] for name, folder in policies.items()}
 

@@ -541,17 +541,48 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate ``params.yaml``; ``overrides`` are dotted keys (``collect.conversations``)."""
-    path = Path(path)
-    data = read_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+def get_dotted(data: dict[str, Any], dotted: str) -> Any:
+    """``data["collect"]["policy"]`` for ``"collect.policy"`` (KeyError names the missing key)."""
+    node: Any = data
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key (``fit_q.epochs``) in a nested mapping, creating sections as needed."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def apply_overrides(data: dict[str, Any], sets: dict[str, Any] | None) -> dict[str, Any]:
+    """Dotted-key overrides (``dvc exp run -S`` / ``--set`` style) applied to ``data`` in place."""
+    for dotted, value in (sets or {}).items():
+        set_dotted(data, dotted, value)
+    return data
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` merged into ``base`` (in place): nested mappings merge, anything else replaces (profiles)."""
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def validate_params(data: dict[str, Any], where: str | Path) -> Params:
+    """``Params`` from a raw mapping; a ConfigError naming ``where`` and each bad field otherwise."""
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(path, exc)) from exc
+        raise ConfigError(_format_validation_error(Path(where), exc)) from exc
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate ``params.yaml``; ``overrides`` are dotted keys (``collect.conversations``)."""
+    return validate_params(apply_overrides(read_yaml(path), overrides), path)

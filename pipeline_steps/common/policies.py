@@ -320,3 +320,17 @@ def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], respons
         for i, (x, st) in enumerate(zip(seqs, starts)):
             out.append(logp[i, st - 1 : len(x) - 1].numpy().astype(np.float64))
     return out
+
+
+def kl_per_token(policy: Any, reference: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
+                 batch_size: int) -> float:
+    """Per-token ``KL(policy || reference)``: ``sum(log pi - log pi_ref) / tokens`` over ``policy``'s own samples.
+
+    A Monte-Carlo estimate (unbiased, noisy with few states), at ``policy``'s sampling temperature: the
+    distribution that is deployed. ``policy``/``reference`` are loaded policies (``.model``, ``.tokenizer``).
+    """
+    t = policy.temperature or 1.0
+    lp = response_logprobs(policy.model, policy.tokenizer, states, responses, t, batch_size)
+    lp_ref = response_logprobs(reference.model, reference.tokenizer, states, responses, t, batch_size)
+    tokens = sum(len(x) for x in lp)
+    return float(sum(float((a - b).sum()) for a, b in zip(lp, lp_ref)) / max(tokens, 1))

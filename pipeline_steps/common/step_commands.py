@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from pipeline_steps.common.config import deep_merge, get_dotted, set_dotted
+
 PARAMS_FILE = "params.yaml"
 DVC_YAML = "dvc.yaml"
 DAG_FILE = "dags/iterative_ppo.py"
@@ -448,13 +450,6 @@ DAG_PARAMS = ("collect.policy", "collect.conversations", "base_model.name_or_pat
               "ppo_tune.total_episodes", "evaluate.ab_conversations")
 
 
-def _get(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for k in dotted.split("."):
-        node = node[k]
-    return node
-
-
 def render_dag_defaults(params_path: str | Path = PARAMS_FILE) -> str:
     """The Python block with params.yaml's values the DAG uses as defaults (trigger form + orchestration)."""
     from pprint import pformat
@@ -464,7 +459,7 @@ def render_dag_defaults(params_path: str | Path = PARAMS_FILE) -> str:
     params = load_params(params_path)
     data = params.model_dump(by_alias=True, mode="json")
     orch = data["orchestration"]
-    values = {k: _get(data, k) for k in DAG_PARAMS}
+    values = {k: get_dotted(data, k) for k in DAG_PARAMS}
     values["collect.policy"] = orch.pop("policy")  # the DAG's pi_i rule (auto = champion, else collect.policy)
     return "\n".join([
         BEGIN,
@@ -486,14 +481,6 @@ def replace_block(text: str, block: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, leaf = dotted.split(".")
-    for k in parents:
-        node = node.setdefault(k, {})
-    node[leaf] = value
-
-
 def resolve_policy(spec: str, fallback: str, model_name: str, tracking_uri: str | None = None) -> str:
     """``auto`` -> ``models:/<name>@champion`` when the registry has a champion, else ``fallback``."""
     if spec != "auto":
@@ -512,10 +499,10 @@ def configure(base: str | Path, out: str | Path, result: str | Path, sets: dict[
 
     data = read_yaml(base)
     for k, v in sets.items():
-        _set(data, k, v)
+        set_dotted(data, k, v)
     if cache_dir:
         data.setdefault("base_model", {})["cache_dir"] = cache_dir
-    policy = _get(data, "collect.policy")
+    policy = get_dotted(data, "collect.policy")
     if policy == "auto":
         fallback = read_yaml(base)["collect"]["policy"]
         model = data.get("register", {}).get("policy_model_name", "ippo-policy")
@@ -528,7 +515,7 @@ def configure(base: str | Path, out: str | Path, result: str | Path, sets: dict[
     tmp.replace(out)
     params: Params = load_params(out)
     dumped = params.model_dump(by_alias=True, mode="json")
-    res = {"params": str(out), "overrides": sets, "values": {k: _get(dumped, k) for k in values_used()}}
+    res = {"params": str(out), "overrides": sets, "values": {k: get_dotted(dumped, k) for k in values_used()}}
     write_json(result, res)
     return res
 
@@ -551,16 +538,6 @@ def stale(root: Path) -> list[str]:
     if not dag.exists() or BEGIN not in dag.read_text() or replace_block(dag.read_text(), render_dag_defaults(params)) != dag.read_text():
         out.append(str(dag))
     return out
-
-
-def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    """``overlay`` merged into ``base`` (in place): nested mappings merge, anything else replaces."""
-    for k, v in overlay.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 def exp_args(profile: str | Path) -> list[str]:
