@@ -205,3 +205,33 @@ def test_ab_statistics_match_a_hand_computed_2x2_table():
     assert r["lift_ci_low"] == pytest.approx(0.02153, abs=1e-4) and r["lift_ci_high"] == pytest.approx(0.17731, abs=1e-4)
     # Cohen's h = 2 asin(sqrt(.25)) - 2 asin(sqrt(.15)) = 0.25178; n = 2 ((1.95996 + 0.84162) / h)^2
     assert r["sample_size_per_arm_needed"] == pytest.approx(2 * ((1.959964 + 0.841621) / 0.251780) ** 2, rel=1e-3)
+
+
+def test_undefined_ab_quantities_are_null_and_metrics_files_are_strict_json(tmp_path):
+    import json
+    import math
+
+    from pipeline_steps.common.tracking import flat_metrics, write_json
+
+    r = ab_test(0, 40, 1, 40)  # the CPU bench's first iteration: relative lift over 0 is undefined
+    assert r["lift_rel"] is None and r["lift_abs"] == pytest.approx(0.025)
+    assert ab_test(3, 40, 3, 40)["sample_size_per_arm_needed"] is None  # no observed lift to detect
+
+    def strict(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    path = write_json(tmp_path / "m.json", {"ab": r, "curve": [1.0, math.nan], "auc": math.inf})
+    back = json.loads(path.read_text(), parse_constant=strict)
+    assert back["ab"]["lift_rel"] is None and back["curve"] == [1.0, None] and back["auc"] is None
+    assert flat_metrics({"a": {"b": math.nan, "c": 2}, "d": math.inf}) == {"a.c": 2.0}
+
+
+def test_gates_fail_closed_on_an_undefined_metric(params):
+    from pipeline_steps.common.registry import ab_gate, offline_gate
+
+    guard = {"acceptance": 0.9, "mean_words": 20.0, "abstain_rate": 0.0}
+    off = {"improvement": {"ci_low": None}, "kl_per_token": 0.01, "q_error_p90": None, "guardrails": {"candidate": guard}}
+    g = offline_gate({"offline": off}, params.registry.offline_gate)
+    assert not g.passed and g.reasons == [f"offline.improvement_ci_low: None >= {params.registry.offline_gate.min_improvement_ci_low} (undefined value)"]
+    a = ab_gate({"ab": {"lift_abs": float("nan"), "p_value_worse": 0.9, "p_value_better": 0.1}}, params.registry.ab_gate)
+    assert not a.passed and list(a.checks) == ["lift", "p_value_worse"] and a.checks["p_value_worse"]["passed"]

@@ -18,7 +18,8 @@ def ab_test(control_conversions: int, control_n: int, treatment_conversions: int
             alpha: float = 0.05, power: float = 0.8) -> dict[str, Any]:
     """Conversion per arm with Wilson CIs; absolute and relative lift with a 95% CI (Newcombe, score-based);
     two-sided and one-sided p-values (pooled z-test); the per-arm sample size needed to detect the observed
-    lift at ``alpha`` with ``power``."""
+    lift at ``alpha`` with ``power``. Undefined quantities are ``None`` (JSON null), never inf: the relative
+    lift when the control arm has no conversion, the sample size when the observed lift is 0."""
     c = proportion_ci(control_conversions, control_n, alpha)
     t = proportion_ci(treatment_conversions, treatment_n, alpha)
     lift = t.rate - c.rate
@@ -37,12 +38,12 @@ def ab_test(control_conversions: int, control_n: int, treatment_conversions: int
         effect = proportion_effectsize(t.rate, c.rate)  # Cohen's h
         needed = float(NormalIndPower().solve_power(effect_size=abs(effect), alpha=alpha, power=power, ratio=1.0))
     else:
-        needed = float("inf")
+        needed = None
     return {
         "control": c.as_dict(),
         "treatment": t.as_dict(),
         "lift_abs": lift,
-        "lift_rel": lift / c.rate if c.rate > 0 else float("inf") if lift > 0 else 0.0,
+        "lift_rel": lift / c.rate if c.rate > 0 else None,
         "lift_ci_low": float(low),
         "lift_ci_high": float(high),
         "p_value": p("two-sided"),

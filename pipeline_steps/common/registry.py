@@ -16,6 +16,7 @@ aliases), so the MLflow UI shows them and any reviewer can act from the UI or wi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -45,7 +46,12 @@ class GateResult:
     def reasons(self) -> list[str]:
         return [f"{self.name}.{k}: {c['value']!r} {c['rule']}" for k, c in self.checks.items() if not c["passed"]]
 
-    def check(self, key: str, value: Any, ok: bool, rule: str) -> None:
+    def check(self, key: str, value: Any, op: str, bound: float, note: str = "") -> None:
+        """``value op bound``; an undefined value (None or NaN, e.g. AUC with one class) fails closed."""
+        defined = value is not None and not (isinstance(value, float) and math.isnan(value))
+        compare = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}[op]
+        ok = defined and compare(value, bound)
+        rule = f"{op} {bound}" + (f" {note}" if note else "") + ("" if defined else " (undefined value)")
         self.checks[key] = {"value": value, "passed": bool(ok), "rule": rule}
 
 
@@ -53,15 +59,14 @@ def offline_gate(metrics: dict[str, Any], gate: Any) -> GateResult:
     """Theorem 1/2 evidence from ``evaluate``'s offline metrics against ``register.offline_gate``."""
     g = GateResult("offline")
     off = metrics["offline"]
-    g.check("improvement_ci_low", off["improvement"]["ci_low"], off["improvement"]["ci_low"] >= gate.min_improvement_ci_low,
-            f">= {gate.min_improvement_ci_low}")
-    g.check("kl", off["kl_per_token"], off["kl_per_token"] <= gate.max_kl, f"<= {gate.max_kl}")
+    g.check("improvement_ci_low", off["improvement"]["ci_low"], ">=", gate.min_improvement_ci_low)
+    g.check("kl", off["kl_per_token"], "<=", gate.max_kl)
     if off.get("q_error_p90") is not None:
-        g.check("q_error_p90", off["q_error_p90"], off["q_error_p90"] <= gate.max_q_error_p90, f"<= {gate.max_q_error_p90}")
+        g.check("q_error_p90", off["q_error_p90"], "<=", gate.max_q_error_p90)
     gr = off["guardrails"]["candidate"]
-    g.check("acceptance", gr["acceptance"], gr["acceptance"] >= gate.min_acceptance, f">= {gate.min_acceptance}")
-    g.check("mean_words", gr["mean_words"], gr["mean_words"] <= gate.max_mean_words, f"<= {gate.max_mean_words}")
-    g.check("abstain_rate", gr["abstain_rate"], gr["abstain_rate"] <= gate.max_abstain_rate, f"<= {gate.max_abstain_rate}")
+    g.check("acceptance", gr["acceptance"], ">=", gate.min_acceptance)
+    g.check("mean_words", gr["mean_words"], "<=", gate.max_mean_words)
+    g.check("abstain_rate", gr["abstain_rate"], "<=", gate.max_abstain_rate)
     return g
 
 
@@ -69,11 +74,11 @@ def ab_gate(metrics: dict[str, Any], gate: Any) -> GateResult:
     """A/B evidence: the lift over the champion, not significantly negative (or significantly positive)."""
     g = GateResult("ab")
     ab = metrics["ab"]
-    g.check("lift", ab["lift_abs"], ab["lift_abs"] >= gate.min_lift, f">= {gate.min_lift}")
+    g.check("lift", ab["lift_abs"], ">=", gate.min_lift)
     if gate.require_significant:
-        g.check("p_value_better", ab["p_value_better"], ab["p_value_better"] < gate.alpha, f"< {gate.alpha}")
+        g.check("p_value_better", ab["p_value_better"], "<", gate.alpha)
     else:
-        g.check("p_value_worse", ab["p_value_worse"], ab["p_value_worse"] >= gate.alpha, f">= {gate.alpha} (not significantly worse)")
+        g.check("p_value_worse", ab["p_value_worse"], ">=", gate.alpha, "(not significantly worse)")
     return g
 
 

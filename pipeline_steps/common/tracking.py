@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,10 +31,11 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric leaves of a nested dict as ``a.b.c`` keys (what MLflow accepts as metrics)."""
+    """Finite numeric leaves of a nested dict as ``a.b.c`` keys (what MLflow accepts as metrics)."""
     flat: dict[str, Any] = {}
     _flatten("", metrics, flat)
-    return {k.replace("@", "_"): float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k.replace("@", "_"): float(v) for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 @contextlib.contextmanager
@@ -54,11 +56,26 @@ def step_run(step: str, params: dict[str, Any] | None = None, uri: str | None = 
         yield run
 
 
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write a JSON file atomically (a retried step never leaves half a file)."""
+    """Write a JSON file atomically (a retried step never leaves half a file).
+
+    Strict JSON (RFC 8259): NaN and +-inf become null, so jq, browsers and other languages read every
+    metrics file (Python's default would write the non-standard ``NaN``/``Infinity`` tokens).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(_finite_or_null(data), indent=2, sort_keys=True, default=str, allow_nan=False)
+    tmp.write_text(text + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
