@@ -220,3 +220,11 @@ def test_follow_gates_acts_as_the_reviewer_only_when_both_gates_pass(tiny_bench)
     assert str(registry.current_champion(reg["policy"]["name"], tracking_uri=uri)) == str(reg["policy"]["version"])
     history = registry.status(reg["policy"]["name"], tracking_uri=uri)
     assert any(REVIEWER in json.dumps(v) for v in history)
+
+
+def test_a_step_killed_by_a_signal_is_named():
+    from pipeline_steps.bench.iterate import killed_by
+
+    assert killed_by(0) == "" and killed_by(1) == ""
+    assert killed_by(-9).startswith(" (killed by SIGKILL: the kernel's out-of-memory killer")
+    assert killed_by(-15) == " (killed by SIGTERM)"

@@ -95,6 +95,20 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def killed_by(returncode: int) -> str:
+    """`` (killed by SIGKILL: ...)`` for a step ended by a signal, so an out-of-memory kill is not a mystery."""
+    if returncode >= 0:
+        return ""
+    import signal
+
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    hint = ": the kernel's out-of-memory killer sends it when RAM runs out (see `dmesg`)" if name == "SIGKILL" else ""
+    return f" (killed by {name}{hint})"
+
+
 class Runner:
     """Runs units of work once: a finished unit leaves ``<out>/.done/<name>.json`` (its result + wall time)."""
 
@@ -138,7 +152,7 @@ class Runner:
                 proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
             if proc.returncode != 0:
                 tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
-                raise BenchError(f"{name}: exit code {proc.returncode}; log {log}\n{tail}")
+                raise BenchError(f"{name}: exit code {proc.returncode}{killed_by(proc.returncode)}; log {log}\n{tail}")
 
         return self.unit(name, go)
 
