@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -49,8 +50,7 @@ class GateResult:
     def check(self, key: str, value: Any, op: str, bound: float, note: str = "") -> None:
         """``value op bound``; an undefined value (None or NaN, e.g. AUC with one class) fails closed."""
         defined = value is not None and not (isinstance(value, float) and math.isnan(value))
-        compare = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}[op]
-        ok = defined and compare(value, bound)
+        ok = defined and {">=": operator.ge, "<=": operator.le, "<": operator.lt}[op](value, bound)
         rule = f"{op} {bound}" + (f" {note}" if note else "") + ("" if defined else " (undefined value)")
         self.checks[key] = {"value": value, "passed": bool(ok), "rule": rule}
 
