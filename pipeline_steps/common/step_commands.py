@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from pipeline_steps.common.config import deep_merge, get_dotted, set_dotted
+from pipeline_steps.common.config import apply_overrides, deep_merge, get_dotted
 
 PARAMS_FILE = "params.yaml"
 DVC_YAML = "dvc.yaml"
@@ -497,9 +497,7 @@ def configure(base: str | Path, out: str | Path, result: str | Path, sets: dict[
     from pipeline_steps.common.config import Params, load_params, read_yaml
     from pipeline_steps.common.tracking import write_json
 
-    data = read_yaml(base)
-    for k, v in sets.items():
-        set_dotted(data, k, v)
+    data = apply_overrides(read_yaml(base), sets)
     if cache_dir:
         data.setdefault("base_model", {})["cache_dir"] = cache_dir
     policy = get_dotted(data, "collect.policy")
@@ -511,9 +509,8 @@ def configure(base: str | Path, out: str | Path, result: str | Path, sets: dict[
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    load_params(tmp)  # fail here, naming the field, rather than in the third step
+    params: Params = load_params(tmp)  # fail here, naming the field, rather than in the third step
     tmp.replace(out)
-    params: Params = load_params(out)
     dumped = params.model_dump(by_alias=True, mode="json")
     res = {"params": str(out), "overrides": sets, "values": {k: get_dotted(dumped, k) for k in values_used()}}
     write_json(result, res)
