@@ -149,7 +149,9 @@ def test_bench_reports_every_policy_on_the_same_personas(tiny_bench):
     for f in ("results.json", "results.md", "results.png"):
         assert (out / f).stat().st_size > 0
     md = (out / "results.md").read_text()
-    assert "| pi_2 |" in md and "best-of-2" in md and "Wall time per step" in md
+    assert "| pi_2 |" in md and "best-of-2" in md and "Wall time per step" in md and "Peak resident memory" in md
+    peaks = res["step_peak_rss_gb"]["pi_1"]
+    assert set(peaks) == set(res["step_seconds"]["pi_1"]) and all(0.01 < v < 64 for v in peaks.values())
 
 
 def test_each_iteration_deploys_the_previous_candidate(tiny_bench):
@@ -228,3 +230,20 @@ def test_a_step_killed_by_a_signal_is_named():
     assert killed_by(0) == "" and killed_by(1) == ""
     assert killed_by(-9).startswith(" (killed by SIGKILL: the kernel's out-of-memory killer")
     assert killed_by(-15) == " (killed by SIGTERM)"
+
+
+def test_a_step_s_peak_memory_is_its_own_process_s(tmp_path):
+    """Each step command records the peak RSS of its own process (VmHWM), not the bench's or an earlier step's."""
+    import sys
+
+    from pipeline_steps.bench.iterate import Runner
+
+    runner = Runner(tmp_path, echo=lambda _: None)
+    big = runner.command("big", [sys.executable, "-c", "import time; b = bytearray(400_000_000); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"],
+                         tmp_path / "big.log")
+    small = runner.command("small", [sys.executable, "-c", "import time; time.sleep(1.5)"], tmp_path / "small.log")
+    assert big["result"]["peak_rss_gb"] >= 0.4
+    assert small["result"]["peak_rss_gb"] < 0.1
+    assert json.loads(runner.marker("big").read_text())["result"] == big["result"]
+    with pytest.raises(BenchError, match="exit code 3"):
+        runner.command("fails", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fails.log")

@@ -109,6 +109,24 @@ def killed_by(returncode: int) -> str:
     return f" (killed by {name}{hint})"
 
 
+MEMORY_POLL_SECONDS = 0.5
+
+
+def peak_rss_gb(pid: int) -> float | None:
+    """The peak resident memory (GB) of a running process since its exec: Linux's ``VmHWM``; None elsewhere.
+
+    Not ``wait4``'s ``ru_maxrss``: that counts the parent's pages mapped between fork and exec, so every step
+    would look as large as the bench process that started it.
+    """
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / 1e9, 2)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class Runner:
     """Runs units of work once: a finished unit leaves ``<out>/.done/<name>.json`` (its result + wall time)."""
 
@@ -144,15 +162,23 @@ class Runner:
     def command(self, name: str, cmd: list[str], log: Path) -> dict[str, Any]:
         """Run a step's command line, its output in ``log``; a failure raises :class:`BenchError` with the log tail."""
 
-        def go() -> None:
+        def go() -> dict[str, float]:
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("w") as fh:
                 fh.write("$ " + " ".join(cmd) + "\n")
                 fh.flush()
-                proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+                peak = None
+                while True:
+                    try:
+                        proc.wait(timeout=MEMORY_POLL_SECONDS)
+                        break
+                    except subprocess.TimeoutExpired:
+                        peak = peak_rss_gb(proc.pid) or peak
             if proc.returncode != 0:
                 tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
                 raise BenchError(f"{name}: exit code {proc.returncode}{killed_by(proc.returncode)}; log {log}\n{tail}")
+            return {"peak_rss_gb": peak}
 
         return self.unit(name, go)
 
@@ -187,10 +213,11 @@ def run_iterations(runner: Runner, base: dict[str, Any], first: int, last: int, 
             write_yaml(params_file, data)
         elif _without_k(read_yaml(params_file)) != _without_k(data):
             raise BenchError(f"{params_file}: iteration {k} already ran with other params; use --fresh or another --out")
-        times = {}
+        times, memory = {}, {}
         for step in STEPS:
             rec = runner.command(f"iter_{k}/{step}", step_command(step, root, params_file, data), root / "logs" / f"{step}.log")
             times[step] = rec["seconds"]
+            memory[step] = (rec.get("result") or {}).get("peak_rss_gb")
         candidate = str(root / POLICY / "policy")
         register = read_json(root / "metrics" / "register.json")
         promoted = False
@@ -203,7 +230,7 @@ def run_iterations(runner: Runner, base: dict[str, Any], first: int, last: int, 
             "fit_q": read_json(root / "metrics" / "fit_q.json"),
             "ppo_tune": read_json(root / "metrics" / "ppo_tune.json"),
             "collect": read_json(root / "metrics" / "collect.json"),
-            "register": register, "promoted": promoted, "step_seconds": times,
+            "register": register, "promoted": promoted, "step_seconds": times, "step_peak_rss_gb": memory,
         })
         policy = next_policy
     return out
@@ -380,7 +407,8 @@ def build_results(base: dict[str, Any], iters: list[dict[str, Any]], baselines: 
             "passed": last["normalised"] >= 0.5, "value": last["normalised"], "rule": ">= 0.5"},
     }
     return {"meta": meta, "alpha": alpha, "rows": rows,
-            "step_seconds": {f"pi_{it['k']}": it["step_seconds"] for it in iters}, "targets": targets}
+            "step_seconds": {f"pi_{it['k']}": it["step_seconds"] for it in iters},
+            "step_peak_rss_gb": {f"pi_{it['k']}": it.get("step_peak_rss_gb", {}) for it in iters}, "targets": targets}
 
 
 def _fmt_ci(r: dict[str, Any]) -> str:
@@ -411,6 +439,13 @@ def render_markdown(res: dict[str, Any]) -> str:
                   "| iteration | " + " | ".join(names) + " | total |", "|---" * (len(names) + 2) + "|"]
         for it, t in steps.items():
             lines.append(f"| {it} | " + " | ".join(f"{t[n]:.0f}" for n in names) + f" | {sum(t.values()):.0f} |")
+    memory = {it: m for it, m in res.get("step_peak_rss_gb", {}).items() if m and any(v is not None for v in m.values())}
+    if memory:
+        names = list(next(iter(memory.values())))
+        lines += ["", "Peak resident memory per step (GB, the step's process):", "",
+                  "| iteration | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for it, m in memory.items():
+            lines.append(f"| {it} | " + " | ".join("" if m.get(n) is None else f"{m[n]:.1f}" for n in names) + " |")
     lines += ["", "Targets (issue #8):", ""]
     for name, t in res["targets"].items():
         if t is not None:
