@@ -125,6 +125,17 @@ def test_configure_rejects_a_bad_override(tmp_path):
     assert not (tmp_path / "p.yaml").exists()
 
 
+def test_flatten_dotted_inverts_apply_overrides():
+    from pipeline_steps.common.config import apply_overrides, flatten_dotted
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    flat = flatten_dotted(params)
+    assert flat["register.offline_gate.max_kl"] == params["register"]["offline_gate"]["max_kl"]
+    assert flatten_dotted({"a": {}, "b": {"c": None}}) == {"a": {}, "b.c": None}  # an empty mapping is kept
+    params["orchestration"].pop("node_selector")  # its keys (nvidia.com/gpu.present) hold dots themselves
+    assert apply_overrides({}, flatten_dotted(params)) == params
+
+
 def test_load_params_applies_dotted_overrides_and_names_the_bad_field(tmp_path):
     from pipeline_steps.common.config import ConfigError, load_params
 

@@ -549,6 +549,24 @@ def get_dotted(data: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def flatten_dotted(data: dict[str, Any]) -> dict[str, Any]:
+    """The leaves of a nested mapping under dotted keys (``{"fit_q.epochs": 2}``); an empty mapping is a leaf.
+
+    The inverse of :func:`apply_overrides` on ``{}``: MLflow params, metrics and ``dvc exp run -S`` flags.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and (node or not prefix):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node
+
+    walk("", data)
+    return flat
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set a dotted key (``fit_q.epochs``) in a nested mapping, creating sections as needed."""
     node = data

@@ -539,18 +539,9 @@ def stale(root: Path) -> list[str]:
 
 def exp_args(profile: str | Path) -> list[str]:
     """``dvc exp run`` flags (``-S key=value``) that apply a profile of dotted keys (profiles/*.yaml)."""
-    from pipeline_steps.common.config import read_yaml
+    from pipeline_steps.common.config import flatten_dotted, read_yaml
 
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = node
-
-    walk("", read_yaml(profile))
+    flat = flatten_dotted(read_yaml(profile))
     return [a for k, v in flat.items() for a in ("-S", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
 
 

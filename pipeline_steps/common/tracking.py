@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline_steps.common.config import flatten_dotted
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "iterative-ppo"
 
@@ -22,19 +24,9 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = value
-
-
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Finite numeric leaves of a nested dict as ``a.b.c`` keys (what MLflow accepts as metrics)."""
-    flat: dict[str, Any] = {}
-    _flatten("", metrics, flat)
-    return {k.replace("@", "_"): float(v) for k, v in flat.items()
+    return {k.replace("@", "_"): float(v) for k, v in flatten_dotted(metrics).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
@@ -50,9 +42,7 @@ def step_run(step: str, params: dict[str, Any] | None = None, uri: str | None = 
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     with mlflow.start_run(run_name=step, tags={"ippo.step": step}) as run:
         if params:
-            flat: dict[str, Any] = {}
-            _flatten("", params, flat)
-            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten_dotted(params).items()})
         yield run
 
 
