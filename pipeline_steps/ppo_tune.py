@@ -404,6 +404,15 @@ def _common_args(p: PPOTuneParams, output_dir: Path, progress: bool) -> dict[str
     )
 
 
+def fill_rollout_batch(prompts: list[Any], batch: int) -> list[Any]:
+    """The prompts, repeated whole until they fill one rollout batch.
+
+    TRL's PPO dataloader drops an incomplete last batch and cycles forever, so fewer prompts than one batch
+    would spin without yielding a single rollout; repeating keeps every prompt equally weighted.
+    """
+    return prompts * math.ceil(batch / len(prompts)) if 0 < len(prompts) < batch else prompts
+
+
 def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path: str | Path, train_prompts: list[str],
               heldout_prompts: list[str], work_dir: Path, callback: Any, progress: bool) -> Any:
     """TRL's PPOTrainer on the prompts; returns the trained policy (a PeftModel)."""
@@ -412,7 +421,8 @@ def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path
     from transformers import AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    prompt_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in train_prompts]
+    prompt_ids = fill_rollout_batch([tokenizer(s, add_special_tokens=False)["input_ids"] for s in train_prompts],
+                                    p.per_device_train_batch_size * p.gradient_accumulation_steps)
     heldout_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in heldout_prompts]
     pad_token = ppo_pad_token(tokenizer, prompt_ids + heldout_ids)
     args = PPOConfig(
@@ -425,6 +435,10 @@ def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path
     )
     transformers.set_seed(p.seed)  # LoRA init happens inside the constructor, before TRL seeds anything
     value_model = AutoModelForSequenceClassification.from_pretrained(str(q_path), num_labels=1, dtype=policy.dtype)
+    if p.gradient_checkpointing:
+        # PPOConfig takes the flag but TRL's PPO loop never enables it: switch it on for both trained models.
+        for model in (policy, value_model):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     q_pad_id = tokenizer.pad_token_id
     with _pad_token(tokenizer, pad_token):  # PPOTrainer's processing_class: same vocabulary, its own pad
         reward_model = PPORewardModel(scorer, q_pad_id, tokenizer.pad_token_id, tokenizer.eos_token_id)

@@ -136,7 +136,7 @@ def build_returns(params_file: Path, tokenizer, out: Path, n: int = 24, heldout_
 # One-token responses: pi_i's next-token distribution is then explicit, so the test can compute the exact
 # KL-regularised objective of Theorem 2 for pi_i, pi_{i+1} and its optimum pi* ~ pi_i exp(Q / beta).
 TINY_PPO = dict(
-    total_episodes=64, per_device_train_batch_size=16, num_mini_batches=2, num_ppo_epochs=2,
+    total_episodes=64, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_mini_batches=2, num_ppo_epochs=2,
     local_rollout_forward_batch_size=16, response_length=1, learning_rate=0.001, kl_coef=0.5,
     missing_eos_penalty=None, temperature=0.7, lora_r=8, lora_alpha=16, num_generations=4,
     eval_states=8, eval_samples_per_state=8, eval_batch_size=32, bootstrap_resamples=500, sample_rows=3,
@@ -411,3 +411,54 @@ def test_params_section_rejects_unknown_keys_and_bad_batches(world_files):
         load_params(world_files["params"], {"ppo_tune.num_mini_batches": 3})
     with pytest.raises(ConfigError, match="num_generations"):
         load_params(world_files["params"], {"ppo_tune.algorithm": "grpo", "ppo_tune.num_generations": 3})
+
+
+def test_fewer_prompts_than_a_rollout_batch_are_cycled_not_spun_on(world_files, tmp_path):
+    """16 training prompts and 32 episodes per rollout batch: TRL's dataloader alone would loop forever."""
+    from pipeline_steps import ppo_tune
+
+    assert ppo_tune.fill_rollout_batch([1, 2, 3], 8) == [1, 2, 3] * 3
+    assert ppo_tune.fill_rollout_batch([1, 2, 3], 3) == [1, 2, 3]
+    data = yaml.safe_load(world_files["params"].read_text())
+    data["ppo_tune"].update(per_device_train_batch_size=16, gradient_accumulation_steps=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data))
+    out = tmp_path / "ppo"
+    args = step_args(world_files, out, "--total-episodes", "32", "--no-mlflow")
+    args[args.index("--params") + 1] = str(params)
+    m = ppo_tune.main(args)
+    assert m["prompts"]["train_states"] < 32 and m["training"]["updates"] == 1 and m["training"]["episodes"] == 32
+
+
+def test_gradient_checkpointing_engages_in_ppo_and_leaves_the_update_unchanged(world_files, tmp_path, monkeypatch):
+    """``ppo_tune.gradient_checkpointing``: TRL's PPO loop ignores the flag, so the step enables it on the policy
+    and the value model itself. Recomputing activations must not change what is learned."""
+    import transformers.modeling_utils as modeling_utils
+    from safetensors.torch import load_file
+
+    from pipeline_steps import ppo_tune
+
+    calls = {"n": 0}
+    real_checkpoint = modeling_utils.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
+    adapters = {}
+    for on in (False, True):
+        data = yaml.safe_load(world_files["params"].read_text())
+        data["ppo_tune"]["gradient_checkpointing"] = on
+        params = tmp_path / f"params_{on}.yaml"
+        params.write_text(yaml.safe_dump(data))
+        out = tmp_path / f"ppo_{on}"
+        args = step_args(world_files, out, "--total-episodes", "16", "--no-mlflow")
+        args[args.index("--params") + 1] = str(params)
+        before = calls["n"]
+        ppo_tune.main(args)
+        assert (calls["n"] > before) == on  # checkpointed decoder layers ran only when asked for
+        adapters[on] = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    for name, weight in adapters[False].items():
+        np.testing.assert_allclose(adapters[True][name].numpy(), weight.numpy(), atol=1e-5, err_msg=name)
