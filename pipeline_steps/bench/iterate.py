@@ -162,7 +162,7 @@ class Runner:
     def command(self, name: str, cmd: list[str], log: Path) -> dict[str, Any]:
         """Run a step's command line, its output in ``log``; a failure raises :class:`BenchError` with the log tail."""
 
-        def go() -> dict[str, float]:
+        def go() -> dict[str, float | None]:
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("w") as fh:
                 fh.write("$ " + " ".join(cmd) + "\n")
