@@ -227,9 +227,14 @@ def build_q_model(
     info: dict[str, Any] = {"probe_rows": 0, "probe_alpha": None}
     if probe is not None and fq.probe_init_rows > 0 and len(probe[0]):
         info = probe_head(model, probe[0], np.asarray(probe[1], dtype=float), pad_token_id, fq, progress)
+    n_layers = model.config.num_hidden_layers
+    if fq.lora_top_layers is not None and fq.lora_top_layers > n_layers:
+        raise ValueError(f"fit_q.lora_top_layers = {fq.lora_top_layers} but {base_path} has {n_layers} layers")
+    top = None if fq.lora_top_layers is None else list(range(n_layers - fq.lora_top_layers, n_layers))
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=fq.lora_r, lora_alpha=fq.lora_alpha, lora_dropout=fq.lora_dropout,
         target_modules=backbone_linear_names(model), modules_to_save=["score"],
+        layers_to_transform=top, layers_pattern=None if top is None else "layers",
     )
     return get_peft_model(model, lora), info
 

@@ -174,7 +174,7 @@ def test_same_seed_same_q(tmp_path, trained, q_params_file, world_returns):
     np.testing.assert_array_equal(q1, q2)
 
 
-def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokenizer, tiny_model_dir):
+def _keyword_table(tokenizer) -> pa.Table:
     """G is high iff the suggestion proposes a visit; the keyword is mid-sentence (the model must attend)."""
     rng = np.random.default_rng(0)
     msgs = ["Hi, I need a new kitchen.", "How much is a bathroom?", "Can you help with my roof?", "Do you paint?"]
@@ -188,8 +188,14 @@ def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokeniz
             action_text=f"{openers[rng.integers(len(openers))]}, {tail}", G=0.8 if good else 0.1, outcome=int(good),
             conversation_id=f"c{i}", turn_index=1, split="validation" if i >= 96 else "train",
         ))
-    table = pa.Table.from_pylist(rows)
-    settings = {"fit_q.epochs": 4, "fit_q.learning_rate": 2e-3, "fit_q.gradient_accumulation_steps": 1}
+    return pa.Table.from_pylist(rows)
+
+
+KEYWORD_SETTINGS = {"fit_q.epochs": 4, "fit_q.learning_rate": 2e-3, "fit_q.gradient_accumulation_steps": 1}
+
+
+def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokenizer, tiny_model_dir):
+    table, settings = _keyword_table(tokenizer), KEYWORD_SETTINGS
     params = load_params(REPO / "params.yaml", {**settings, "fit_q.probe_init_rows": 0})  # zero head: LoRA must learn
     result = fit_q_step.fit_q(table, params, tiny_model_dir, tokenizer, tmp_path / "m", tmp_path / "p", progress=False)
     curve, m = result["learning_curve"], result["metrics"]
@@ -204,6 +210,25 @@ def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokeniz
     result = fit_q_step.fit_q(table, params, tiny_model_dir, tokenizer, tmp_path / "m2", tmp_path / "p2", progress=False)
     assert result["metrics"]["probe_rows"] == 96
     assert result["learning_curve"][0]["eval_loss"] < 0.2 * result["metrics"]["mse_constant_baseline"]
+
+
+def test_lora_on_the_top_layers_only_adapts_those_and_still_learns(tmp_path, tokenizer, tiny_model_dir):
+    from safetensors import safe_open
+
+    table = _keyword_table(tokenizer)
+    params = load_params(REPO / "params.yaml", {**KEYWORD_SETTINGS, "fit_q.probe_init_rows": 0, "fit_q.lora_top_layers": 1})
+    result = fit_q_step.fit_q(table, params, tiny_model_dir, tokenizer, tmp_path / "m", tmp_path / "p", progress=False)
+    m = result["metrics"]
+    assert m["mse"] < 0.5 * m["mse_constant_baseline"] and m["roc_auc_outcome"] > 0.9
+    adapter = tmp_path / "m" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["layers_to_transform"] == [1]  # tiny has 2 layers
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        lora_keys = [k for k in f.keys() if "lora_" in k]
+    assert lora_keys and all(".layers.1." in k for k in lora_keys)
+
+    too_many = load_params(REPO / "params.yaml", {"fit_q.lora_top_layers": 3})
+    with pytest.raises(ValueError, match="lora_top_layers = 3 but .* has 2 layers"):
+        fit_q_step.build_q_model(tiny_model_dir, too_many.fit_q, tokenizer.pad_token_id)
 
 
 def _rewrite(src: Path, dst: Path, fn=None, metadata=None) -> Path:

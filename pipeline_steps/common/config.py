@@ -258,6 +258,11 @@ class FitQParams(Section):
     lora_r: int = Field(16, gt=0, description="LoRA rank on every linear layer of the backbone.")
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_top_layers: int | None = Field(
+        None, gt=0, description="LoRA on the top this-many transformer layers only (peft `layers_to_transform`); "
+        "null = every layer. The backward pass then stops at the lowest adapted layer, so training takes less "
+        "time and activation memory; the layers below stay the pretrained feature extractor.",
+    )
     learning_rate: float = Field(3e-4, gt=0, description="AdamW peak learning rate (LoRA weights and the score head).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup: float = Field(0.05, ge=0, description="Linear warmup: a fraction of the steps (< 1) or a step count.")
