@@ -152,6 +152,12 @@ def test_bench_reports_every_policy_on_the_same_personas(tiny_bench):
     assert "| pi_2 |" in md and "best-of-2" in md and "Wall time per step" in md and "Peak resident memory" in md
     peaks = res["step_peak_rss_gb"]["pi_1"]
     assert set(peaks) == set(res["step_seconds"]["pi_1"]) and all(0.01 < v < 64 for v in peaks.values())
+    # The myopic baseline's own fit_q and ppo_tune are rows of both per-step tables, blank elsewhere.
+    assert set(res["step_peak_rss_gb"]["myopic"]) == set(res["step_seconds"]["myopic"]) == {"fit_q", "ppo_tune"}
+    assert all(0.01 < v < 64 for v in res["step_peak_rss_gb"]["myopic"].values())
+    myopic_lines = [line for line in md.splitlines() if line.startswith("| myopic |")]
+    assert len(myopic_lines) == 2 and all(line.count("|") == md.splitlines()[md.splitlines().index(line) - 1].count("|")
+                                          for line in myopic_lines)
 
 
 def test_each_iteration_deploys_the_previous_candidate(tiny_bench):

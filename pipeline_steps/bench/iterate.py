@@ -305,10 +305,8 @@ def run_baselines(runner: Runner, base: dict[str, Any], iters: list[dict[str, An
         params_file = root / "params.yaml"
         write_yaml(params_file, data)
         replace = {RETURNS: str(first / RETURNS)}
-        t_fit = runner.command("baselines/myopic/fit_q", step_command("fit_q", root, params_file, data, replace),
-                               root / "logs" / "fit_q.log")["seconds"]
-        t_ppo = runner.command("baselines/myopic/ppo_tune", step_command("ppo_tune", root, params_file, data, replace),
-                               root / "logs" / "ppo_tune.log")["seconds"]
+        steps = {step: runner.command(f"baselines/myopic/{step}", step_command(step, root, params_file, data, replace),
+                                      root / "logs" / f"{step}.log") for step in ("fit_q", "ppo_tune")}
         policy_dir = str(root / POLICY / "policy")
 
         def myopic() -> dict[str, Any]:
@@ -318,7 +316,9 @@ def run_baselines(runner: Runner, base: dict[str, Any], iters: list[dict[str, An
             return world_conversion(params, load_policy(policy_dir, params, World(params.world).vertical, seed=seed))
 
         rec = runner.unit("baselines/myopic/world", myopic)
-        out["myopic"] = {**rec["result"], "seconds": rec["seconds"] + t_fit + t_ppo, "policy": policy_dir,
+        out["myopic"] = {**rec["result"], "seconds": rec["seconds"] + sum(r["seconds"] for r in steps.values()),
+                         "policy": policy_dir, "step_seconds": {k: r["seconds"] for k, r in steps.items()},
+                         "step_peak_rss_gb": {k: (r["result"] or {}).get("peak_rss_gb") for k, r in steps.items()},
                          "fit_q": read_json(root / "metrics" / "fit_q.json") if (root / "metrics" / "fit_q.json").is_file() else None}
     return out
 
@@ -384,7 +384,8 @@ def build_results(base: dict[str, Any], iters: list[dict[str, Any]], baselines: 
               "expert": f"scripted {params.bench.expert} (ceiling)"}
     for name in ("best_of_n", "myopic", "expert"):
         if name in baselines:
-            rows.append({"policy": labels[name], "kind": name, **{k: v for k, v in baselines[name].items() if k != "policy"},
+            rows.append({"policy": labels[name], "kind": name,
+                         **{k: v for k, v in baselines[name].items() if k not in ("policy", "step_seconds", "step_peak_rss_gb")},
                          "kl_from_pi0": kl.get(name)})
     conv0 = rows[0]["rate"]
     expert = baselines.get("expert", {}).get("rate")
@@ -406,9 +407,29 @@ def build_results(base: dict[str, Any], iters: list[dict[str, Any]], baselines: 
         "normalised_score": None if last["normalised"] is None else {
             "passed": last["normalised"] >= 0.5, "value": last["normalised"], "rule": ">= 0.5"},
     }
-    return {"meta": meta, "alpha": alpha, "rows": rows,
-            "step_seconds": {f"pi_{it['k']}": it["step_seconds"] for it in iters},
-            "step_peak_rss_gb": {f"pi_{it['k']}": it.get("step_peak_rss_gb", {}) for it in iters}, "targets": targets}
+    # Per-step tables: one row per iteration, and the myopic baseline's own fit_q and ppo_tune.
+    tables: dict[str, dict[str, Any]] = {}
+    for key in ("step_seconds", "step_peak_rss_gb"):
+        tables[key] = {f"pi_{it['k']}": it.get(key, {}) for it in iters}
+        if baselines.get("myopic", {}).get(key):
+            tables[key]["myopic"] = baselines["myopic"][key]
+    return {"meta": meta, "alpha": alpha, "rows": rows, **tables, "targets": targets}
+
+
+def _step_table(title: str, table: dict[str, dict[str, float | None]], fmt: str, total: bool = False) -> list[str]:
+    """A markdown table with one row per run and one column per step (blank where a run lacks the step)."""
+    table = {run: row for run, row in table.items() if row and any(v is not None for v in row.values())}
+    if not table:
+        return []
+    names = list(dict.fromkeys(name for row in table.values() for name in row))
+    lines = ["", title, "", "| run | " + " | ".join(names) + (" | total |" if total else " |"),
+             "|---" * (len(names) + 1 + total) + "|"]
+    for run, row in table.items():
+        cells = ["" if row.get(n) is None else fmt.format(row[n]) for n in names]
+        if total:
+            cells.append(fmt.format(sum(v for v in row.values() if v is not None)))
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt_ci(r: dict[str, Any]) -> str:
@@ -432,20 +453,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         kl = "" if r.get("kl_from_pi0") is None else f"{r['kl_from_pi0']:.4f}"
         secs = "" if not r.get("seconds") else f"{r['seconds'] / 60:.1f} min"
         lines.append(f"| {r['policy']} | {_fmt_ci(r)} | {r['trials']} | {norm} | {lift_s} | {kl} | {secs} |")
-    steps = res["step_seconds"]
-    if steps:
-        names = list(next(iter(steps.values())))
-        lines += ["", "Wall time per step (seconds):", "",
-                  "| iteration | " + " | ".join(names) + " | total |", "|---" * (len(names) + 2) + "|"]
-        for it, t in steps.items():
-            lines.append(f"| {it} | " + " | ".join(f"{t[n]:.0f}" for n in names) + f" | {sum(t.values()):.0f} |")
-    memory = {it: m for it, m in res.get("step_peak_rss_gb", {}).items() if m and any(v is not None for v in m.values())}
-    if memory:
-        names = list(next(iter(memory.values())))
-        lines += ["", "Peak resident memory per step (GB, the step's process):", "",
-                  "| iteration | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for it, m in memory.items():
-            lines.append(f"| {it} | " + " | ".join("" if m.get(n) is None else f"{m[n]:.1f}" for n in names) + " |")
+    lines += _step_table("Wall time per step (seconds):", res["step_seconds"], "{:.0f}", total=True)
+    lines += _step_table("Peak resident memory per step (GB, the step's process):", res.get("step_peak_rss_gb", {}), "{:.1f}")
     lines += ["", "Targets (issue #8):", ""]
     for name, t in res["targets"].items():
         if t is not None:
