@@ -1,12 +1,17 @@
 """Benchmark of fit_q (issue #4) with the real SmolLM2-135M on CPU. Prints tables; writes JSON.
 
     .venv/bin/python benchmarks/bench_fit_q.py        # defaults: ~13 min on the shared 2-core CPU box (1 thread)
-    .venv/bin/python benchmarks/bench_fit_q.py --dnd-train-rows 1024 --dnd-val-rows 512 --epochs 2  # more signal
+    .venv/bin/python benchmarks/bench_fit_q.py --dnd-train-rows 1024 --dnd-val-rows 512 --epochs 3 \
+        --world-train-rows 448 --world-val-rows 192   # the README's table: more rows, more signal
 
-1. **Deal-or-No-Deal** (``/work/shared/data/dealornodeal/val.txt`` through the ingest adapter: agent = YOU,
+1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
+   with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
+   by side; the runs below use the faster one unless bf16 costs quality.
+2. **Deal-or-No-Deal** (``/work/shared/data/dealornodeal/val.txt`` through the ingest adapter: agent = YOU,
    outcome = a deal was reached), rows built by the returns step's code, split *by dialogue* (the corpus
-   holds every dialogue twice, once from each side; both copies land on the same side of the split).
-2. **World logs** from a mix of scripted strategies (expert, friendly-generic, premature-pitch, random),
+   holds every dialogue twice, once from each side; both copies land on the same side of the split), at
+   ``--dnd-train-rows`` and ``--epochs``.
+3. **World logs** from a mix of scripted strategies (expert, friendly-generic, premature-pitch, random),
    rows from the returns step, split by conversation.
 
 Q is fit_q's recipe (linear-probe head init on the train rows, then LoRA + head for ``--epochs``, the best
@@ -16,11 +21,9 @@ On each: held-out ROC-AUC for the final outcome of our Q against two baselines t
 turn index -- with a paired bootstrap 95% CI of AUC(Q) - AUC(best baseline) (target: >= +0.05), plus
 Spearman(Q, G), MSE and p90 |Q - G|.
 
-3. **Throughput**: the Deal-or-No-Deal Q is trained twice, fp32 and with bf16 autocast (same rows, seed,
-   budget), so speed *and* quality of the two are compared side by side; the world Q uses the faster one
-   unless bf16 costs quality. Tokens/s counts real (non-pad) tokens over the timed optimisation steps
-   (evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured
-   in the same run and at the same thread count, two ways:
+**Throughput** of every run: tokens/s counts real (non-pad) tokens over the timed optimisation steps
+(evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured
+in the same run and at the same thread count, two ways:
    * ``MFU 6N``: the usual 6 * N * tokens, N = the non-embedding parameters (every backbone linear layer
      and the head; embedding lookups are not matmuls). It overstates the work of LoRA training, where the
      frozen weights get no weight gradients;
@@ -43,9 +46,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DND_FILE = os.environ.get(
-    "IPPO_DND_FILE", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "dealornodeal" / "val.txt")
-)
+SHARED_DIR = Path(os.environ.get("IPPO_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+DND_FILE = os.environ.get("IPPO_DND_FILE", str(SHARED_DIR / "data" / "dealornodeal" / "val.txt"))
 DND_SYSTEM_PROMPT = (
     "You suggest the next message for YOU, who negotiates with THEM over how to split books, hats and balls."
 )
@@ -201,7 +203,8 @@ def flop_counts(model: Any) -> dict[str, int]:
     return {"non_embedding_params": int(n), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
 
 
-def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: Any, bf16: bool, eval_rows: int) -> dict[str, Any]:
+def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: Any, bf16: bool, eval_rows: int,
+                    epochs: int) -> dict[str, Any]:
     """fit_q's model and trainer on ``train``; Q of ``val`` from the trained (fp32) weights; timing."""
     import numpy as np
     import torch
@@ -209,7 +212,7 @@ def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: An
     from pipeline_steps import fit_q
     from pipeline_steps.common.q_model import encode, score_ids
 
-    fq = params.fit_q.model_copy(update={"bf16": bf16})
+    fq = params.fit_q.model_copy(update={"bf16": bf16, "epochs": epochs})
     pad = tokenizer.pad_token_id
 
     def enc(df):
@@ -276,7 +279,11 @@ def main() -> None:
     ap.add_argument("--world-train-rows", type=int, default=112)
     ap.add_argument("--world-val-rows", type=int, default=96)
     ap.add_argument("--eval-rows", type=int, default=24, help="validation rows the Trainer evaluates per epoch")
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=1, help="LoRA epochs of the quality runs (early stopping may end sooner)")
+    ap.add_argument("--throughput-rows", type=int, default=160,
+                    help="Deal-or-No-Deal train rows of the fp32-vs-bf16 runs (the first of the --dnd-train-rows sample)")
+    ap.add_argument("--throughput-epochs", type=int, default=1)
+    ap.add_argument("--lora-top-layers", type=int, default=None, help="fit_q.lora_top_layers (default: every layer)")
     ap.add_argument("--learning-rate", type=float, default=3e-4, help="fit_q.learning_rate's default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/bench_fit_q.json")
@@ -298,7 +305,7 @@ def main() -> None:
         "base_model.name_or_path": args.base_model, "prompt.max_prompt_tokens": args.max_prompt_tokens,
         "returns.validation_fraction": 0.3, "fit_q.epochs": args.epochs, "fit_q.learning_rate": args.learning_rate,
         "fit_q.batch_size": 8, "fit_q.gradient_accumulation_steps": 1, "fit_q.warmup": 0.1, "fit_q.seed": args.seed,
-        "fit_q.data_seed": args.seed,
+        "fit_q.data_seed": args.seed, "fit_q.lora_top_layers": args.lora_top_layers,
     })
     base = Path(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     tokenizer = load_tokenizer(base)
@@ -309,38 +316,51 @@ def main() -> None:
 
     tasks: dict[str, Any] = {}
     runs: dict[str, Any] = {}
-    # 1. Deal-or-No-Deal: fp32 and bf16.
     dnd, dnd_info = dnd_returns(params, tokenizer, 0.3)
     tr, va = sample(dnd, args.dnd_train_rows, args.dnd_val_rows, args.seed)
     y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
-    base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
+
+    # 1. Precision: fp32 against bf16 autocast on the first --throughput-rows train rows (same rows, seed, budget).
+    small = tr.head(args.throughput_rows)
+    small_preds = {"tfidf_lr": tfidf_baseline(small, va), "turn_rate": turn_rate_baseline(small, va)}
     for bf16 in (False, True):
-        name = f"dnd_{'bf16' if bf16 else 'fp32'}"
-        runs[name] = train_and_score(params, base, tokenizer, tr, va, bf16, args.eval_rows)
-        tasks[name] = quality(y, g, runs[name]["q"], base_preds) | {"rows_total": dnd.height, **dnd_info}
+        name = f"dnd_{'bf16' if bf16 else 'fp32'}_{small.height}"
+        runs[name] = train_and_score(params, base, tokenizer, small, va, bf16, args.eval_rows, args.throughput_epochs)
+        tasks[name] = quality(y, g, runs[name]["q"], small_preds) | {"rows_total": dnd.height, **dnd_info}
         console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC, {runs[name]['tokens_per_second']:.0f} tok/s "
                       f"({time.perf_counter() - t_start:.0f}s elapsed)")
-    speedup = runs["dnd_bf16"]["tokens_per_second"] / runs["dnd_fp32"]["tokens_per_second"]
-    quality_cost = tasks["dnd_fp32"]["mse_q_g"] and (tasks["dnd_bf16"]["mse_q_g"] / tasks["dnd_fp32"]["mse_q_g"] - 1)
-    use_bf16 = speedup > 1.1 and quality_cost < 0.05 and tasks["dnd_bf16"]["auc_q"] >= tasks["dnd_fp32"]["auc_q"] - 0.02
+    fp32, bf16_run = (f"dnd_{p}_{small.height}" for p in ("fp32", "bf16"))
+    speedup = runs[bf16_run]["tokens_per_second"] / runs[fp32]["tokens_per_second"]
+    quality_cost = tasks[fp32]["mse_q_g"] and (tasks[bf16_run]["mse_q_g"] / tasks[fp32]["mse_q_g"] - 1)
+    use_bf16 = speedup > 1.1 and quality_cost < 0.05 and tasks[bf16_run]["auc_q"] >= tasks[fp32]["auc_q"] - 0.02
+    prec = "bf16" if use_bf16 else "fp32"
 
-    # 2. World logs with the chosen precision.
+    # 2. Deal-or-No-Deal at the full --dnd-train-rows and --epochs, with the faster precision that costs no quality.
+    if small.height < tr.height or args.throughput_epochs != args.epochs:
+        name = f"dnd_{prec}_{tr.height}"
+        base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
+        runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
+        tasks[name] = quality(y, g, runs[name]["q"], base_preds) | {"rows_total": dnd.height, **dnd_info}
+        console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC ({time.perf_counter() - t_start:.0f}s elapsed)")
+
+    # 3. World logs with the same precision and epochs.
     world, world_info = world_returns(params, tokenizer, args.world_per_strategy)
     tr, va = sample(world, args.world_train_rows, args.world_val_rows, args.seed)
     y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
     base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
-    name = f"world_{'bf16' if use_bf16 else 'fp32'}"
-    runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows)
+    name = f"world_{prec}_{tr.height}"
+    runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
     tasks[name] = quality(y, g, runs[name]["q"], base_preds) | {"rows_total": world.height, **world_info}
 
     # Tables.
     qt = Table(title="fit_q held-out quality (ROC-AUC of the final outcome; target: Q >= best baseline + 0.05)")
-    for col in ("task", "train/val rows", "outcome rate", "AUC Q", "AUC TF-IDF+LR", "AUC turn-rate",
+    for col in ("task", "train/val rows", "epochs", "outcome rate", "AUC Q", "AUC TF-IDF+LR", "AUC turn-rate",
                 "Q - best [95% CI]", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|", "kept weights"):
         qt.add_column(col, justify="right")
     for name, m in tasks.items():
         lo, hi = m["auc_margin_ci95"]
-        qt.add_row(name, f"{runs[name]['train_rows']}/{runs[name]['val_rows']}", f"{m['outcome_rate']:.2f}",
+        qt.add_row(name, f"{runs[name]['train_rows']}/{runs[name]['val_rows']}", f"{runs[name]['epochs']:.0f}",
+                   f"{m['outcome_rate']:.2f}",
                    f"{m['auc_q']:.3f}", f"{m['auc_tfidf_lr']:.3f}", f"{m['auc_turn_rate']:.3f}",
                    f"{m['auc_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['spearman_q_g']:.3f}",
                    f"{m['mse_q_g']:.4f}", f"{m['q_error_p90']:.3f}", runs[name]["kept"])
@@ -357,7 +377,7 @@ def main() -> None:
                    f"{r['mfu_exec']:.1%}", f"{peak[prec]:.0f}", f"{r['score_tokens_per_second']:.0f}")
     console.print(tt)
     console.print(f"bf16 / fp32 training speed: {speedup:.2f}x; held-out MSE change with bf16: {quality_cost:+.1%}; "
-                  f"AUC fp32 {tasks['dnd_fp32']['auc_q']:.3f} vs bf16 {tasks['dnd_bf16']['auc_q']:.3f} -> "
+                  f"AUC fp32 {tasks[fp32]['auc_q']:.3f} vs bf16 {tasks[bf16_run]['auc_q']:.3f} -> "
                   f"recommended fit_q.bf16: {str(use_bf16).lower()}")
     total = time.perf_counter() - t_start
     console.print(f"total {total:.0f}s")

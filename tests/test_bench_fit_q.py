@@ -1,0 +1,38 @@
+"""benchmarks/bench_fit_q.py end to end on the tiny model: every section runs and the JSON holds its numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_fit_q_prints_and_saves_quality_and_throughput(tmp_path, tiny_model_dir, dealornodeal_file):
+    out = tmp_path / "bench_fit_q.json"
+    args = [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
+            "--threads", "1", "--max-prompt-tokens", "96", "--dnd-train-rows", "48", "--dnd-val-rows", "40",
+            "--throughput-rows", "24", "--world-per-strategy", "6", "--world-train-rows", "40", "--world-val-rows", "40",
+            "--eval-rows", "8", "--epochs", "2", "--lora-top-layers", "1", "--out", str(out)]
+    env = {**os.environ, "IPPO_DND_FILE": str(dealornodeal_file), "COLUMNS": "200"}
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fit_q held-out quality" in proc.stdout and "recommended fit_q.bf16" in proc.stdout
+
+    result = json.loads(out.read_text())
+    tasks, runs = result["tasks"], result["runs"]
+    prec = "bf16" if result["recommended_bf16"] else "fp32"
+    # fp32 and bf16 on the small slice, then the full Deal-or-No-Deal sample and the world with the chosen precision.
+    assert list(tasks) == ["dnd_fp32_24", "dnd_bf16_24", f"dnd_{prec}_48", f"world_{prec}_40"]
+    assert [runs[k]["train_rows"] for k in tasks] == [24, 24, 48, 40]
+    assert result["args"]["lora_top_layers"] == 1
+    for name, task in tasks.items():
+        assert 0.0 <= task["auc_q"] <= 1.0 and 0.0 <= task["auc_tfidf_lr"] <= 1.0, name
+        lo, hi = task["auc_margin_ci95"]
+        assert lo <= task["auc_margin"] <= hi, name
+        assert runs[name]["tokens_per_second"] > 0 and runs[name]["mfu_exec"] > 0, name
+        assert 1 <= runs[name]["epochs"] <= 2, name
+    assert result["bf16_speedup"] > 0 and result["matmul_peak_gflops"]["fp32"] > 0
