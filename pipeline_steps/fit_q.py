@@ -46,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline_steps.common.base_model import bf16_autocast_pays
 from pipeline_steps.common.config import ConfigError, FitQParams, Params, load_params
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
 
@@ -189,7 +190,7 @@ def probe_head(model: Any, seqs: Sequence[list[int]], g: np.ndarray, pad_token_i
     from pipeline_steps.common.q_model import hidden_ids
 
     take = sample_train(len(seqs), fq.probe_init_rows, fq.data_seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fq.bf16 and not torch.cuda.is_available()):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast_pays(fq.bf16) and not torch.cuda.is_available()):
         feats = hidden_ids(model, [seqs[i] for i in take], pad_token_id, fq.eval_batch_size, progress)
     ridge = RidgeCV(alphas=np.logspace(-2, 5, 30), fit_intercept=False).fit(feats, g[take])
     with torch.no_grad():
@@ -328,7 +329,7 @@ def train_q(
         train_sampling_strategy="group_by_length",  # less padding: long and short rows not mixed
         seed=fq.seed,
         data_seed=fq.data_seed,
-        bf16=fq.bf16,
+        bf16=bf16_autocast_pays(fq.bf16),
         report_to="none",
         label_names=["labels"],
         remove_unused_columns=False,
@@ -566,6 +567,7 @@ def fit_q(
                 best_epoch=None if best is None else best["epoch"],
                 best_eval_loss=None if best is None else best["eval_loss"],
                 merge_max_abs_diff=merge_diff,
+                bf16_autocast=bf16_autocast_pays(fq.bf16),  # what fit_q.bf16 (maybe 'auto') resolved to here
                 **init,
             )
             manifest = {

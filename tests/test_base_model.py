@@ -189,3 +189,17 @@ def test_smollm2_replies_coherently_and_round_trips(smollm2_path: Path, tmp_path
     again = load_causal_lm(tmp_path / "copy")
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+
+
+def test_bf16_auto_is_on_only_where_bf16_matmuls_are_fast(monkeypatch):
+    """'auto' follows the hardware (an AMX CPU here, as no GPU exists to test); true/false are obeyed as given."""
+    from pipeline_steps.common.config import load_params
+
+    assert bm.bf16_autocast_pays(True) is True and bm.bf16_autocast_pays(False) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert bm.bf16_autocast_pays("auto") is amx
+    assert load_params(Path(__file__).resolve().parents[1] / "params.yaml").fit_q.bf16 == "auto"
+    with pytest.raises(Exception, match="fit_q.bf16"):
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", {"fit_q.bf16": "sometimes"})

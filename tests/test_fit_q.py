@@ -108,6 +108,8 @@ def test_main_writes_adapter_scorer_metrics_plots_and_an_mlflow_run(trained):
     assert run.info.run_name == "fit_q" and run.info.status == "FINISHED"
     assert run.data.metrics["q_error_p90"] == pytest.approx(metrics["q_error_p90"])
     assert run.data.params["fit_q.lora_r"] == "16"
+    # q_params_file keeps params.yaml's 'auto'; the metrics say what it resolved to on this machine.
+    assert run.data.params["fit_q.bf16"] == "auto" and isinstance(metrics["bf16_autocast"], bool)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "scorer")} | {
         a.path for a in client.list_artifacts(run.info.run_id, "plots")}
