@@ -1,8 +1,8 @@
 """Benchmark of fit_q (issue #4) with the real SmolLM2-135M on CPU. Prints tables; writes JSON.
 
-    .venv/bin/python benchmarks/bench_fit_q.py        # defaults: ~13 min on the shared 2-core CPU box (1 thread)
-    .venv/bin/python benchmarks/bench_fit_q.py --dnd-train-rows 1024 --dnd-val-rows 512 --epochs 3 \
-        --world-train-rows 448 --world-val-rows 192   # the README's table: more rows, more signal
+    .venv/bin/python benchmarks/bench_fit_q.py        # defaults: small samples, ~15 min on 2 cores
+    .venv/bin/python benchmarks/bench_fit_q.py --dnd-train-rows 1024 --dnd-val-rows 512 --epochs 1 \
+        --world-train-rows 320 --world-val-rows 192 --eval-rows 128   # the README's table: 28 min, quiet 2 cores
 
 1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
    with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
