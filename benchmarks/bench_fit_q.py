@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -297,7 +298,7 @@ def main() -> None:
     threads = args.threads or (1 if os.getloadavg()[0] > 1.5 else 0)
     if threads:
         torch.set_num_threads(threads)
-    from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
+    from pipeline_steps.common.base_model import bf16_autocast_pays, load_tokenizer, resolve_base_model
     from pipeline_steps.common.config import load_params
 
     t_start = time.perf_counter()
@@ -311,8 +312,10 @@ def main() -> None:
     tokenizer = load_tokenizer(base)
     console = Console(width=180)
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    auto_bf16 = bf16_autocast_pays("auto")  # what fit_q.bf16: auto resolves to on this machine
     console.print(f"threads {torch.get_num_threads()}, matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
-                  f"bf16 {peak['bf16']:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+                  f"bf16 {peak['bf16']:.0f} GFLOP/s; fit_q.bf16 auto -> {str(auto_bf16).lower()}; "
+                  f"load {os.getloadavg()[0]:.1f}")
 
     tasks: dict[str, Any] = {}
     runs: dict[str, Any] = {}
@@ -378,16 +381,18 @@ def main() -> None:
     console.print(tt)
     console.print(f"bf16 / fp32 training speed: {speedup:.2f}x; held-out MSE change with bf16: {quality_cost:+.1%}; "
                   f"AUC fp32 {tasks[fp32]['auc_q']:.3f} vs bf16 {tasks[bf16_run]['auc_q']:.3f} -> "
-                  f"recommended fit_q.bf16: {str(use_bf16).lower()}")
+                  f"recommended fit_q.bf16: {str(use_bf16).lower()} ('auto' resolves to {str(auto_bf16).lower()} here)")
     total = time.perf_counter() - t_start
-    console.print(f"total {total:.0f}s")
+    maxrss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    console.print(f"total {total:.0f}s, peak RSS {maxrss_gb:.1f} GiB")
 
     out = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "loadavg_end": os.getloadavg()},
+                    "torch": torch.__version__, "loadavg_end": os.getloadavg(), "maxrss_gib": maxrss_gb},
         "args": vars(args), "matmul_peak_gflops": peak, "tasks": tasks,
         "runs": {k: {kk: vv for kk, vv in v.items() if kk != "q"} for k, v in runs.items()},
-        "bf16_speedup": speedup, "bf16_mse_change": quality_cost, "recommended_bf16": use_bf16, "seconds": total,
+        "bf16_speedup": speedup, "bf16_mse_change": quality_cost, "recommended_bf16": use_bf16,
+        "auto_bf16": auto_bf16, "seconds": total,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=float) + "\n")

@@ -192,14 +192,15 @@ def test_smollm2_replies_coherently_and_round_trips(smollm2_path: Path, tmp_path
 
 
 def test_bf16_auto_is_on_only_where_bf16_matmuls_are_fast(monkeypatch):
-    """'auto' follows the hardware (an AMX CPU here, as no GPU exists to test); true/false are obeyed as given."""
+    """'auto' follows the measured bf16/fp32 matmul speed on a CPU (no GPU exists to test); true/false are obeyed."""
     from pipeline_steps.common.config import load_params
 
     assert bm.bf16_autocast_pays(True) is True and bm.bf16_autocast_pays(False) is False
+    assert bm.cpu_bf16_matmul_speedup() > 0  # really measured here, once per process
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for amx in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert bm.bf16_autocast_pays("auto") is amx
+    for speedup, expected in ((2.8, True), (bm.CPU_BF16_MIN_MATMUL_SPEEDUP, True), (1.2, False), (0.52, False)):
+        monkeypatch.setattr(bm, "cpu_bf16_matmul_speedup", lambda s=speedup: s)
+        assert bm.bf16_autocast_pays("auto") is expected, speedup
     assert load_params(Path(__file__).resolve().parents[1] / "params.yaml").fit_q.bf16 == "auto"
     with pytest.raises(Exception, match="fit_q.bf16"):
         load_params(Path(__file__).resolve().parents[1] / "params.yaml", {"fit_q.bf16": "sometimes"})

@@ -36,3 +36,4 @@ def test_bench_fit_q_prints_and_saves_quality_and_throughput(tmp_path, tiny_mode
         assert runs[name]["tokens_per_second"] > 0 and runs[name]["mfu_exec"] > 0, name
         assert 1 <= runs[name]["epochs"] <= 2, name
     assert result["bf16_speedup"] > 0 and result["matmul_peak_gflops"]["fp32"] > 0
+    assert isinstance(result["auto_bf16"], bool) and result["machine"]["maxrss_gib"] > 0

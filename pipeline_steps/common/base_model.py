@@ -22,6 +22,7 @@ CLI (used by the setup script)::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -293,12 +294,17 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> "PreTrainedModel
     return model.eval()
 
 
+CPU_BF16_MIN_MATMUL_SPEEDUP = 1.5
+
+
 def bf16_autocast_pays(setting: bool | str) -> bool:
     """Resolve a ``bf16: true | false | auto`` setting: 'auto' is on where bf16 matmuls are fast.
 
-    That is a CUDA GPU that supports bf16, or a CPU with AMX tiles (Sapphire Rapids and newer), where oneDNN's
-    bf16 matmuls run several times faster than fp32. Without AMX, bf16 autocast on the CPU only adds casts:
-    measured by benchmarks/bench_fit_q.py, 1.4x the fp32 training tokens/s with AMX, 0.7x on AVX-512 without.
+    On a GPU: CUDA with bf16 support. On a CPU, the instruction flags do not tell (an AVX-512 Xeon with bf16
+    instructions ran bf16 matmuls at half the fp32 speed), so 'auto' measures: on when oneDNN's bf16 matmuls
+    run at least ``CPU_BF16_MIN_MATMUL_SPEEDUP`` times the fp32 ones here. Measured by benchmarks/bench_fit_q.py
+    (fit_q training tokens/s, bf16 autocast against fp32): AMX Xeon matmuls 7.5x -> training 1.42x; AMD EPYC
+    (Zen 4, AVX512-BF16) 2.8x -> 1.40x; AVX-512 Xeon without AMX 0.52x -> 0.72x.
     """
     if setting != "auto":
         return bool(setting)
@@ -306,8 +312,27 @@ def bf16_autocast_pays(setting: bool | str) -> bool:
 
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
+    return cpu_bf16_matmul_speedup() >= CPU_BF16_MIN_MATMUL_SPEEDUP
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_matmul_speedup(n: int = 512, seconds: float = 0.15) -> float:
+    """bf16 / fp32 throughput of warm ``n x n`` CPU matmuls at the current thread count (~0.3 s, once per process)."""
+    import time
+
+    import torch
+
+    def rate(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            a @ b
+            reps += 1
+        return reps / elapsed
+
+    return rate(torch.bfloat16) / rate(torch.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
