@@ -163,20 +163,6 @@ def paired_auc_diff_ci(y: Any, a: Any, b: Any, n_boot: int = 1000, seed: int = 0
 # ------------------------------------------------------------------------------------------------
 
 
-def matmul_peak(dtype: Any, n: int = 1024, seconds: float = 2.0) -> float:
-    """GFLOP/s of square matmuls (warm), at the current thread count."""
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
 class StepTimer:
     """A TrainerCallback summing the wall time of optimisation steps only."""
 
@@ -300,7 +286,7 @@ def main() -> None:
     threads = args.threads or (1 if os.getloadavg()[0] > 1.5 else 0)
     if threads:
         torch.set_num_threads(threads)
-    from pipeline_steps.common.base_model import bf16_autocast_pays, load_tokenizer, resolve_base_model
+    from pipeline_steps.common.base_model import bf16_autocast_pays, load_tokenizer, matmul_gflops, resolve_base_model
     from pipeline_steps.common.config import load_params
 
     t_start = time.perf_counter()
@@ -313,7 +299,7 @@ def main() -> None:
     base = Path(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     tokenizer = load_tokenizer(base)
     console = Console(width=180)
-    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     auto_bf16 = bf16_autocast_pays("auto")  # what fit_q.bf16: auto resolves to on this machine
     console.print(f"threads {torch.get_num_threads()}, matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
                   f"bf16 {peak['bf16']:.0f} GFLOP/s; fit_q.bf16 auto -> {str(auto_bf16).lower()}; "

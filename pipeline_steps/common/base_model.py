@@ -317,22 +317,26 @@ def bf16_autocast_pays(setting: bool | str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_matmul_speedup(n: int = 512, seconds: float = 0.15) -> float:
-    """bf16 / fp32 throughput of warm ``n x n`` CPU matmuls at the current thread count (~0.3 s, once per process)."""
+    """bf16 / fp32 throughput of CPU matmuls at the current thread count (~0.3 s, once per process)."""
+    import torch
+
+    return matmul_gflops(torch.bfloat16, n, seconds) / matmul_gflops(torch.float32, n, seconds)
+
+
+def matmul_gflops(dtype: "torch.dtype", n: int = 1024, seconds: float = 2.0) -> float:
+    """Mean GFLOP/s of warm ``n x n`` CPU matmuls over ``seconds``, at the current thread count."""
     import time
 
     import torch
 
-    def rate(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        for _ in range(2):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds:
-            a @ b
-            reps += 1
-        return reps / elapsed
-
-    return rate(torch.bfloat16) / rate(torch.float32)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / elapsed / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
