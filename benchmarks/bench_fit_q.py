@@ -237,7 +237,10 @@ def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: An
     }
 
 
-def quality(y: Any, g: Any, q: Any, base_preds: dict[str, Any]) -> dict[str, Any]:
+def quality(y: Any, g: Any, q: Any, base_preds: dict[str, Any], selection_rows: int = 0) -> dict[str, Any]:
+    """Held-out quality of Q against the baselines on every validation row, and on the rows past the first
+    ``selection_rows`` (those the Trainer evaluated to keep the best weights: the ``*_unselected`` keys
+    are free of that selection)."""
     import numpy as np
     from scipy.stats import spearmanr
 
@@ -249,6 +252,13 @@ def quality(y: Any, g: Any, q: Any, base_preds: dict[str, Any]) -> dict[str, Any
     out["best_baseline"] = best
     out["auc_margin"] = out["auc_q"] - out[f"auc_{best}"]
     out["auc_margin_ci95"] = paired_auc_diff_ci(y, q, base_preds[best])
+    rest = slice(selection_rows, None)
+    if selection_rows and len(set(y[rest].tolist())) == 2:
+        out["unselected_rows"] = int(len(y[rest]))
+        out["auc_q_unselected"] = auc(y[rest], q[rest])
+        best_rest = max(base_preds, key=lambda k: auc(y[rest], base_preds[k][rest]))
+        out["auc_margin_unselected"] = out["auc_q_unselected"] - auc(y[rest], base_preds[best_rest][rest])
+        out["auc_margin_unselected_ci95"] = paired_auc_diff_ci(y[rest], q[rest], base_preds[best_rest][rest])
     return out
 
 
@@ -274,9 +284,15 @@ def main() -> None:
     ap.add_argument("--throughput-epochs", type=int, default=1)
     ap.add_argument("--lora-top-layers", type=int, default=None, help="fit_q.lora_top_layers (default: every layer)")
     ap.add_argument("--learning-rate", type=float, default=3e-4, help="fit_q.learning_rate's default")
+    ap.add_argument("--precision", choices=("measure", "fp32", "bf16"), default="measure",
+                    help="measure: the fp32-vs-bf16 runs pick it (step 1); fp32/bf16: skip them (sweeps)")
+    ap.add_argument("--tasks", default="dnd,world", help="comma-separated: dnd, world (sweeps may skip the world)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/bench_fit_q.json")
     args = ap.parse_args()
+    wanted = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    if not wanted or wanted - {"dnd", "world"}:
+        ap.error(f"--tasks {args.tasks!r}: choose from dnd, world")
 
     import torch
     from rich.console import Console
@@ -312,48 +328,56 @@ def main() -> None:
     y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
 
     # 1. Precision: fp32 against bf16 autocast on the first --throughput-rows train rows (same rows, seed, budget).
-    small = tr.head(args.throughput_rows)
-    small_preds = {"tfidf_lr": tfidf_baseline(small, va), "turn_rate": turn_rate_baseline(small, va)}
-    for bf16 in (False, True):
-        name = f"dnd_{'bf16' if bf16 else 'fp32'}_{small.height}"
-        runs[name] = train_and_score(params, base, tokenizer, small, va, bf16, args.eval_rows, args.throughput_epochs)
-        tasks[name] = quality(y, g, runs[name]["q"], small_preds) | {"rows_total": dnd.height, **dnd_info}
-        console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC, {runs[name]['tokens_per_second']:.0f} tok/s "
-                      f"({time.perf_counter() - t_start:.0f}s elapsed)")
-    fp32, bf16_run = (f"dnd_{p}_{small.height}" for p in ("fp32", "bf16"))
-    speedup = runs[bf16_run]["tokens_per_second"] / runs[fp32]["tokens_per_second"]
-    quality_cost = tasks[fp32]["mse_q_g"] and (tasks[bf16_run]["mse_q_g"] / tasks[fp32]["mse_q_g"] - 1)
-    use_bf16 = speedup > 1.1 and quality_cost < 0.05 and tasks[bf16_run]["auc_q"] >= tasks[fp32]["auc_q"] - 0.02
+    speedup = quality_cost = fp32 = bf16_run = None
+    if args.precision == "measure":
+        small = tr.head(args.throughput_rows)
+        small_preds = {"tfidf_lr": tfidf_baseline(small, va), "turn_rate": turn_rate_baseline(small, va)}
+        for bf16 in (False, True):
+            name = f"dnd_{'bf16' if bf16 else 'fp32'}_{small.height}"
+            runs[name] = train_and_score(params, base, tokenizer, small, va, bf16, args.eval_rows, args.throughput_epochs)
+            tasks[name] = quality(y, g, runs[name]["q"], small_preds, args.eval_rows) | {"rows_total": dnd.height, **dnd_info}
+            console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC, {runs[name]['tokens_per_second']:.0f} tok/s "
+                          f"({time.perf_counter() - t_start:.0f}s elapsed)")
+        fp32, bf16_run = (f"dnd_{p}_{small.height}" for p in ("fp32", "bf16"))
+        speedup = runs[bf16_run]["tokens_per_second"] / runs[fp32]["tokens_per_second"]
+        quality_cost = tasks[fp32]["mse_q_g"] and (tasks[bf16_run]["mse_q_g"] / tasks[fp32]["mse_q_g"] - 1)
+        use_bf16 = speedup > 1.1 and quality_cost < 0.05 and tasks[bf16_run]["auc_q"] >= tasks[fp32]["auc_q"] - 0.02
+        measured_all = small.height == tr.height and args.throughput_epochs == args.epochs
+    else:
+        use_bf16, measured_all = args.precision == "bf16", False
     prec = "bf16" if use_bf16 else "fp32"
 
     # 2. Deal-or-No-Deal at the full --dnd-train-rows and --epochs, with the faster precision that costs no quality.
-    if small.height < tr.height or args.throughput_epochs != args.epochs:
+    if "dnd" in wanted and not measured_all:
         name = f"dnd_{prec}_{tr.height}"
         base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
         runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
-        tasks[name] = quality(y, g, runs[name]["q"], base_preds) | {"rows_total": dnd.height, **dnd_info}
+        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows) | {"rows_total": dnd.height, **dnd_info}
         console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC ({time.perf_counter() - t_start:.0f}s elapsed)")
 
     # 3. World logs with the same precision and epochs.
-    world, world_info = world_returns(params, tokenizer, args.world_per_strategy)
-    tr, va = sample(world, args.world_train_rows, args.world_val_rows, args.seed)
-    y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
-    base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
-    name = f"world_{prec}_{tr.height}"
-    runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
-    tasks[name] = quality(y, g, runs[name]["q"], base_preds) | {"rows_total": world.height, **world_info}
+    if "world" in wanted:
+        world, world_info = world_returns(params, tokenizer, args.world_per_strategy)
+        tr, va = sample(world, args.world_train_rows, args.world_val_rows, args.seed)
+        y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
+        base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
+        name = f"world_{prec}_{tr.height}"
+        runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
+        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows) | {"rows_total": world.height, **world_info}
 
     # Tables.
     qt = Table(title="fit_q held-out quality (ROC-AUC of the final outcome; target: Q >= best baseline + 0.05)")
     for col in ("task", "train/val rows", "epochs", "outcome rate", "AUC Q", "AUC TF-IDF+LR", "AUC turn-rate",
-                "Q - best [95% CI]", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|", "kept weights"):
+                "Q - best [95% CI]", "Q - best, unselected rows", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|",
+                "kept weights"):
         qt.add_column(col, justify="right")
     for name, m in tasks.items():
         lo, hi = m["auc_margin_ci95"]
+        unsel = (f"{m['auc_margin_unselected']:+.3f} (n={m['unselected_rows']})" if "auc_margin_unselected" in m else "-")
         qt.add_row(name, f"{runs[name]['train_rows']}/{runs[name]['val_rows']}", f"{runs[name]['epochs']:.0f}",
                    f"{m['outcome_rate']:.2f}",
                    f"{m['auc_q']:.3f}", f"{m['auc_tfidf_lr']:.3f}", f"{m['auc_turn_rate']:.3f}",
-                   f"{m['auc_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{m['spearman_q_g']:.3f}",
+                   f"{m['auc_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]", unsel, f"{m['spearman_q_g']:.3f}",
                    f"{m['mse_q_g']:.4f}", f"{m['q_error_p90']:.3f}", runs[name]["kept"])
     console.print(qt)
     tt = Table(title=f"fit_q training throughput ({torch.get_num_threads()} threads, real tokens over timed optimiser steps)")
@@ -367,9 +391,10 @@ def main() -> None:
         tt.add_row(name, prec, f"{r['mean_tokens_per_row']:.0f}", f"{r['tokens_per_second']:.0f}", f"{r['mfu_6n']:.1%}",
                    f"{r['mfu_exec']:.1%}", f"{peak[prec]:.0f}", f"{r['score_tokens_per_second']:.0f}")
     console.print(tt)
-    console.print(f"bf16 / fp32 training speed: {speedup:.2f}x; held-out MSE change with bf16: {quality_cost:+.1%}; "
-                  f"AUC fp32 {tasks[fp32]['auc_q']:.3f} vs bf16 {tasks[bf16_run]['auc_q']:.3f} -> "
-                  f"recommended fit_q.bf16: {str(use_bf16).lower()} ('auto' resolves to {str(auto_bf16).lower()} here)")
+    if speedup is not None:
+        console.print(f"bf16 / fp32 training speed: {speedup:.2f}x; held-out MSE change with bf16: {quality_cost:+.1%}; "
+                      f"AUC fp32 {tasks[fp32]['auc_q']:.3f} vs bf16 {tasks[bf16_run]['auc_q']:.3f} -> "
+                      f"recommended fit_q.bf16: {str(use_bf16).lower()} ('auto' resolves to {str(auto_bf16).lower()} here)")
     total = time.perf_counter() - t_start
     maxrss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     console.print(f"total {total:.0f}s, peak RSS {maxrss_gb:.1f} GiB")
@@ -379,7 +404,8 @@ def main() -> None:
                     "torch": torch.__version__, "loadavg_end": os.getloadavg(), "maxrss_gib": maxrss_gb},
         "args": vars(args), "matmul_peak_gflops": peak, "tasks": tasks,
         "runs": {k: {kk: vv for kk, vv in v.items() if kk != "q"} for k, v in runs.items()},
-        "bf16_speedup": speedup, "bf16_mse_change": quality_cost, "recommended_bf16": use_bf16,
+        "bf16_speedup": speedup, "bf16_mse_change": quality_cost,
+        "recommended_bf16": use_bf16 if args.precision == "measure" else None,
         "auto_bf16": auto_bf16, "seconds": total,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

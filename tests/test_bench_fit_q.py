@@ -35,5 +35,29 @@ def test_bench_fit_q_prints_and_saves_quality_and_throughput(tmp_path, tiny_mode
         assert lo <= task["auc_margin"] <= hi, name
         assert runs[name]["tokens_per_second"] > 0 and runs[name]["mfu_exec"] > 0, name
         assert 1 <= runs[name]["epochs"] <= 2, name
+        # The margin again on the validation rows the Trainer did not evaluate to keep its best weights.
+        assert task["unselected_rows"] == runs[name]["val_rows"] - 8, name
+        assert 0.0 <= task["auc_q_unselected"] <= 1.0, name
     assert result["bf16_speedup"] > 0 and result["matmul_peak_gflops"]["fp32"] > 0
     assert isinstance(result["auto_bf16"], bool) and result["machine"]["maxrss_gib"] > 0
+
+
+def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_world(tmp_path, tiny_model_dir, dealornodeal_file):
+    """--precision fixed and --tasks dnd: one Deal-or-No-Deal run at the given learning rate, nothing else."""
+    out = tmp_path / "sweep.json"
+    args = [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
+            "--threads", "1", "--max-prompt-tokens", "96", "--dnd-train-rows", "32", "--dnd-val-rows", "40",
+            "--eval-rows", "8", "--lora-top-layers", "1", "--precision", "fp32", "--tasks", "dnd",
+            "--learning-rate", "1e-3", "--out", str(out)]
+    env = {**os.environ, "IPPO_DND_FILE": str(dealornodeal_file), "COLUMNS": "200"}
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["tasks"]) == ["dnd_fp32_32"]
+    assert result["runs"]["dnd_fp32_32"]["bf16"] is False
+    assert result["bf16_speedup"] is None and result["recommended_bf16"] is None
+    assert result["args"]["learning_rate"] == 1e-3
+
+    bad = subprocess.run(args[:-2] + ["--tasks", "dnd,chess", "--out", str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--tasks 'dnd,chess'" in bad.stderr
