@@ -5,6 +5,8 @@
         --world-train-rows 320 --world-val-rows 192 --eval-rows 128   # the README's table: 28 min, quiet 2 cores
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --dnd-train-rows 4000 --dnd-val-rows 512 --epochs 2 \
         --eval-rows 128 --world-train-rows 320 --world-val-rows 192   # every DND train row: 83 min, 10.8 GiB
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --dnd-train-rows 4000 \
+        --dnd-val-rows 512 --epochs 1 --eval-rows 128 --learning-rate 1e-3   # one sweep point: 23 min, Q 0.844
 
 1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
    with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
@@ -21,7 +23,8 @@ of the initial and each epoch's weights kept by validation loss on ``--eval-rows
 On each: held-out ROC-AUC for the final outcome of our Q against two baselines trained on the same rows
 -- TF-IDF (1-2 grams of state + action) with logistic regression on the outcome, and the outcome rate by
 turn index -- with a paired bootstrap 95% CI of AUC(Q) - AUC(best baseline) (target: >= +0.05), plus
-Spearman(Q, G), MSE and p90 |Q - G|.
+Spearman(Q, G), MSE and p90 |Q - G|; the margin again on the validation rows past the first ``--eval-rows``,
+which the Trainer never evaluated to keep its best weights.
 
 **Throughput** of every run: tokens/s counts real (non-pad) tokens over the timed optimisation steps
 (evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured

@@ -32,6 +32,27 @@ def test_fit_q_target_sent_is_the_immediate_reward():
     assert target_values(table, "sent").tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("profiles", [["gpu.yaml"], ["bench-cpu.yaml"], ["gpu.yaml", "bench-gpu.yaml"], ["tiny.yaml"]])
+def test_shipped_profiles_validate_and_change_what_they_say(profiles):
+    """Each profile combination the README names merges over params.yaml into valid params (a typo'd key in a
+    GPU profile fails here, not an hour into a lent GPU), and every value it sets reaches the merged params."""
+    from pipeline_steps.common.config import flatten_dotted, get_dotted, read_yaml
+
+    merged = Params.model_validate(bench_config(REPO / "params.yaml", [REPO / "profiles" / p for p in profiles]))
+    for p in profiles:
+        for key, value in flatten_dotted(read_yaml(REPO / "profiles" / p)).items():
+            got = get_dotted(merged.model_dump(by_alias=True), key)
+            if key != "base_model.cache_dir":  # made absolute by bench_config
+                assert got == value or (isinstance(value, dict) and not value), (p, key, got, value)
+
+
+def test_bench_config_refuses_a_misspelt_profile_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fit_q:\n  learing_rate: 0.001\n")
+    with pytest.raises(ConfigError, match="learing_rate"):
+        bench_config(REPO / "params.yaml", [bad])
+
+
 def test_iteration_config_deploys_the_previous_policy_a_week_later():
     base = bench_config(REPO / "params.yaml", [REPO / "profiles/tiny.yaml"])
     before = json.dumps(base, sort_keys=True)
