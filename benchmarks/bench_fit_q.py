@@ -326,9 +326,10 @@ def main() -> None:
 
     tasks: dict[str, Any] = {}
     runs: dict[str, Any] = {}
-    dnd, dnd_info = dnd_returns(params, tokenizer, 0.3)
-    tr, va = sample(dnd, args.dnd_train_rows, args.dnd_val_rows, args.seed)
-    y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
+    if "dnd" in wanted or args.precision == "measure":  # the precision runs are on Deal-or-No-Deal rows
+        dnd, dnd_info = dnd_returns(params, tokenizer, 0.3)
+        tr, va = sample(dnd, args.dnd_train_rows, args.dnd_val_rows, args.seed)
+        y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
 
     # 1. Precision: fp32 against bf16 autocast on the first --throughput-rows train rows (same rows, seed, budget).
     speedup = quality_cost = fp32 = bf16_run = None

@@ -42,15 +42,19 @@ def test_bench_fit_q_prints_and_saves_quality_and_throughput(tmp_path, tiny_mode
     assert isinstance(result["auto_bf16"], bool) and result["machine"]["maxrss_gib"] > 0
 
 
-def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_world(tmp_path, tiny_model_dir, dealornodeal_file):
-    """--precision fixed and --tasks dnd: one Deal-or-No-Deal run at the given learning rate, nothing else."""
+def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_path, tiny_model_dir, dealornodeal_file):
+    """--precision fixed and --tasks: one run of the named task at the given learning rate, nothing else."""
     out = tmp_path / "sweep.json"
-    args = [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
-            "--threads", "1", "--max-prompt-tokens", "96", "--dnd-train-rows", "32", "--dnd-val-rows", "40",
-            "--eval-rows", "8", "--lora-top-layers", "1", "--precision", "fp32", "--tasks", "dnd",
-            "--learning-rate", "1e-3", "--out", str(out)]
+
+    def cmd(tasks: str) -> list[str]:
+        return [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
+                "--threads", "1", "--max-prompt-tokens", "96", "--dnd-train-rows", "32", "--dnd-val-rows", "40",
+                "--world-per-strategy", "6", "--world-train-rows", "24", "--world-val-rows", "40",
+                "--eval-rows", "8", "--lora-top-layers", "1", "--precision", "fp32", "--tasks", tasks,
+                "--learning-rate", "1e-3", "--out", str(out)]
+
     env = {**os.environ, "IPPO_DND_FILE": str(dealornodeal_file), "COLUMNS": "200"}
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd("dnd"), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert list(result["tasks"]) == ["dnd_fp32_32"]
@@ -58,6 +62,11 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_world(tmp_path,
     assert result["bf16_speedup"] is None and result["recommended_bf16"] is None
     assert result["args"]["learning_rate"] == 1e-3
 
-    bad = subprocess.run(args[:-2] + ["--tasks", "dnd,chess", "--out", str(out)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    # A world-only point does not read Deal-or-No-Deal at all (the file may be absent).
+    no_dnd = {**env, "IPPO_DND_FILE": str(tmp_path / "absent.txt")}
+    proc = subprocess.run(cmd("world"), cwd=REPO, env=no_dnd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(json.loads(out.read_text())["tasks"]) == ["world_fp32_24"]
+
+    bad = subprocess.run(cmd("dnd,chess"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tasks 'dnd,chess'" in bad.stderr
