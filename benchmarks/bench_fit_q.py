@@ -15,16 +15,19 @@
    outcome = a deal was reached), rows built by the returns step's code, split *by dialogue* (the corpus
    holds every dialogue twice, once from each side; both copies land on the same side of the split), at
    ``--dnd-train-rows`` and ``--epochs``.
-3. **World logs** from a mix of scripted strategies (expert, friendly-generic, premature-pitch, random),
-   rows from the returns step, split by conversation.
+3. **World logs** from a mix of scripted strategies (expert, friendly-generic, premature-pitch, random), or
+   with ``--world-logs DIR`` the logs a ``collect`` run wrote (an LLM policy's wording), rows from the returns
+   step, split by conversation.
 
 Q is fit_q's recipe (linear-probe head init on the train rows, then LoRA + head for ``--epochs``, the best
 of the initial and each epoch's weights kept by validation loss on ``--eval-rows`` rows).
 On each: held-out ROC-AUC for the final outcome of our Q against two baselines trained on the same rows
 -- TF-IDF (1-2 grams of state + action) with logistic regression on the outcome, and the outcome rate by
-turn index -- with a paired bootstrap 95% CI of AUC(Q) - AUC(best baseline) (target: >= +0.05), plus
+turn index -- with a paired bootstrap 95% CI of AUC(Q) - AUC(best baseline) that resamples whole
+conversations (a dialogue's turns share its outcome; the row bootstrap of earlier runs is printed beside it
+and is too narrow) (target: >= +0.05), plus
 Spearman(Q, G), MSE and p90 |Q - G|; the margin again on the validation rows past the first ``--eval-rows``,
-which the Trainer never evaluated to keep its best weights.
+which the Trainer never evaluated to keep its best weights. Every scored row goes to ``<out>.rows.parquet``.
 
 **Throughput** of every run: tokens/s counts real (non-pad) tokens over the timed optimisation steps
 (evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured
@@ -86,7 +89,12 @@ def dnd_returns(params: Any, tokenizer: Any, val_fraction: float) -> Any:
         h = int.from_bytes(hashlib.sha256(key[cid].encode()).digest()[:8], "big") / 2**64
         return "validation" if h < val_fraction else "train"
 
-    df = pl.from_arrow(table).with_columns(pl.col("conversation_id").map_elements(side, return_dtype=pl.String).alias("split"))
+    df = pl.from_arrow(table).with_columns(
+        pl.col("conversation_id").map_elements(side, return_dtype=pl.String).alias("split"),
+        # The bootstrap's resampling unit: a dialogue (its two copies share the outcome, so they are not independent).
+        pl.col("conversation_id").map_elements(lambda c: hashlib.sha256(key[c].encode()).hexdigest()[:16],
+                                               return_dtype=pl.String).alias("cluster"),
+    )
     n_dialogues = len(set(key.values()))
     return df, {"conversations": len(key), "dialogues": n_dialogues}
 
@@ -106,7 +114,27 @@ def world_returns(params: Any, tokenizer: Any, per_strategy: int) -> Any:
                            batch_size=64, first_index=per_strategy * k)
     table = returns.build_returns(pl.from_arrow(turns_to_table(conversations_to_turns(convs))), params, tokenizer,
                                   system_prompt_for(world.vertical))
-    return pl.from_arrow(table), {"conversations": len(convs)}
+    df = pl.from_arrow(table).with_columns(pl.col("conversation_id").alias("cluster"))
+    return df, {"conversations": len(convs), "source": f"scripted mix {','.join(STRATEGIES)} x {per_strategy}"}
+
+
+def world_log_returns(params: Any, tokenizer: Any, logs: str) -> Any:
+    """Returns rows of conversation logs written by ``collect`` (or any logs under the contract), e.g. an LLM
+    behaviour policy's, whose wording does not name a scripted strategy; split by the returns step's own hash."""
+    import polars as pl
+
+    from pipeline_steps import ingest, returns
+    from pipeline_steps.common.config import IngestParams
+    from pipeline_steps.common.contract import system_prompt_for
+    from pipeline_steps.world.simulator import World
+
+    canon, rejects, counts = ingest.ingest(logs, IngestParams(format="auto"))
+    if rejects:
+        raise SystemExit(f"--world-logs {logs}: {len(rejects)} records rejected by ingest, first: {rejects[0]}")
+    table = returns.build_returns(pl.from_arrow(canon), params, tokenizer, system_prompt_for(World(params.world).vertical))
+    df = pl.from_arrow(table).with_columns(pl.col("conversation_id").alias("cluster"))
+    finals = df.group_by("conversation_id").agg(pl.col("outcome").max())
+    return df, {"conversations": finals.height, "conversions": int(finals["outcome"].sum()), "source": f"logs {logs}"}
 
 
 def sample(df: Any, n_train: int, n_val: int, seed: int) -> tuple[Any, Any]:
@@ -148,14 +176,25 @@ def auc(y: Any, p: Any) -> float:
     return float(roc_auc_score(y, p))
 
 
-def paired_auc_diff_ci(y: Any, a: Any, b: Any, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap CI of AUC(a) - AUC(b) on the same rows."""
+def paired_auc_diff_ci(y: Any, a: Any, b: Any, clusters: Any = None, n_boot: int = 1000,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap CI of AUC(a) - AUC(b) on the same rows.
+
+    With ``clusters`` (one label per row) whole clusters are resampled: the turns of one conversation share
+    its outcome, so resampling rows would treat them as independent evidence and give too narrow a CI.
+    """
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    if clusters is None:
+        groups = [np.array([i]) for i in range(len(y))]
+    else:
+        _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
     diffs = []
     for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
+        i = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
         if len(set(y[i].tolist())) == 2:
             diffs.append(auc(y[i], a[i]) - auc(y[i], b[i]))
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
@@ -240,10 +279,12 @@ def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: An
     }
 
 
-def quality(y: Any, g: Any, q: Any, base_preds: dict[str, Any], selection_rows: int = 0) -> dict[str, Any]:
+def quality(y: Any, g: Any, q: Any, base_preds: dict[str, Any], selection_rows: int = 0,
+            clusters: Any = None) -> dict[str, Any]:
     """Held-out quality of Q against the baselines on every validation row, and on the rows past the first
     ``selection_rows`` (those the Trainer evaluated to keep the best weights: the ``*_unselected`` keys
-    are free of that selection)."""
+    are free of that selection). Margin CIs resample ``clusters`` (conversations); ``*_ci95_rows`` resample
+    rows, as runs before the cluster bootstrap did."""
     import numpy as np
     from scipy.stats import spearmanr
 
@@ -254,15 +295,30 @@ def quality(y: Any, g: Any, q: Any, base_preds: dict[str, Any], selection_rows: 
     best = max(base_preds, key=lambda k: out[f"auc_{k}"])
     out["best_baseline"] = best
     out["auc_margin"] = out["auc_q"] - out[f"auc_{best}"]
-    out["auc_margin_ci95"] = paired_auc_diff_ci(y, q, base_preds[best])
+    out["auc_margin_ci95"] = paired_auc_diff_ci(y, q, base_preds[best], clusters)
+    out["auc_margin_ci95_rows"] = paired_auc_diff_ci(y, q, base_preds[best])
+    if clusters is not None:
+        out["clusters"] = int(len(set(np.asarray(clusters).tolist())))
     rest = slice(selection_rows, None)
     if selection_rows and len(set(y[rest].tolist())) == 2:
         out["unselected_rows"] = int(len(y[rest]))
         out["auc_q_unselected"] = auc(y[rest], q[rest])
         best_rest = max(base_preds, key=lambda k: auc(y[rest], base_preds[k][rest]))
         out["auc_margin_unselected"] = out["auc_q_unselected"] - auc(y[rest], base_preds[best_rest][rest])
-        out["auc_margin_unselected_ci95"] = paired_auc_diff_ci(y[rest], q[rest], base_preds[best_rest][rest])
+        out["auc_margin_unselected_ci95"] = paired_auc_diff_ci(
+            y[rest], q[rest], base_preds[best_rest][rest], None if clusters is None else np.asarray(clusters)[rest])
     return out
+
+
+def prediction_rows(task: str, val: Any, q: Any, base_preds: dict[str, Any]) -> Any:
+    """Every scored validation row with its outcome, G, cluster and each model's score, so the statistics
+    can be recomputed (another CI, another baseline) without training Q again."""
+    import polars as pl
+
+    return pl.DataFrame({"task": [task] * val.height, "row": list(range(val.height)),
+                         "conversation_id": val["conversation_id"], "cluster": val["cluster"],
+                         "turn_index": val["turn_index"], "outcome": val["outcome"], "G": val["G"],
+                         "q": q, **{name: p for name, p in base_preds.items()}})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,6 +334,9 @@ def main() -> None:
     ap.add_argument("--dnd-train-rows", type=int, default=160)
     ap.add_argument("--dnd-val-rows", type=int, default=128)
     ap.add_argument("--world-per-strategy", type=int, default=40, help="conversations per scripted strategy")
+    ap.add_argument("--world-logs", default=None,
+                    help="conversation logs of the world to use instead of the scripted mix, e.g. the folder "
+                         "`python -m pipeline_steps.collect --policy explore --out DIR` wrote")
     ap.add_argument("--world-train-rows", type=int, default=112)
     ap.add_argument("--world-val-rows", type=int, default=96)
     ap.add_argument("--eval-rows", type=int, default=24, help="validation rows the Trainer evaluates per epoch")
@@ -326,10 +385,11 @@ def main() -> None:
 
     tasks: dict[str, Any] = {}
     runs: dict[str, Any] = {}
+    preds: list[Any] = []
     if "dnd" in wanted or args.precision == "measure":  # the precision runs are on Deal-or-No-Deal rows
         dnd, dnd_info = dnd_returns(params, tokenizer, 0.3)
         tr, va = sample(dnd, args.dnd_train_rows, args.dnd_val_rows, args.seed)
-        y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
+        y, g, clusters = va["outcome"].to_numpy(), va["G"].to_numpy(), va["cluster"].to_numpy()
 
     # 1. Precision: fp32 against bf16 autocast on the first --throughput-rows train rows (same rows, seed, budget).
     speedup = quality_cost = fp32 = bf16_run = None
@@ -339,7 +399,8 @@ def main() -> None:
         for bf16 in (False, True):
             name = f"dnd_{'bf16' if bf16 else 'fp32'}_{small.height}"
             runs[name] = train_and_score(params, base, tokenizer, small, va, bf16, args.eval_rows, args.throughput_epochs)
-            tasks[name] = quality(y, g, runs[name]["q"], small_preds, args.eval_rows) | {"rows_total": dnd.height, **dnd_info}
+            tasks[name] = quality(y, g, runs[name]["q"], small_preds, args.eval_rows, clusters) | {"rows_total": dnd.height, **dnd_info}
+            preds.append(prediction_rows(name, va, runs[name]["q"], small_preds))
             console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC, {runs[name]['tokens_per_second']:.0f} tok/s "
                           f"({time.perf_counter() - t_start:.0f}s elapsed)")
         fp32, bf16_run = (f"dnd_{p}_{small.height}" for p in ("fp32", "bf16"))
@@ -356,23 +417,27 @@ def main() -> None:
         name = f"dnd_{prec}_{tr.height}"
         base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
         runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
-        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows) | {"rows_total": dnd.height, **dnd_info}
+        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows, clusters) | {"rows_total": dnd.height, **dnd_info}
+        preds.append(prediction_rows(name, va, runs[name]["q"], base_preds))
         console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC ({time.perf_counter() - t_start:.0f}s elapsed)")
 
     # 3. World logs with the same precision and epochs.
     if "world" in wanted:
-        world, world_info = world_returns(params, tokenizer, args.world_per_strategy)
+        world, world_info = (world_log_returns(params, tokenizer, args.world_logs) if args.world_logs
+                             else world_returns(params, tokenizer, args.world_per_strategy))
         tr, va = sample(world, args.world_train_rows, args.world_val_rows, args.seed)
         y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
         base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
         name = f"world_{prec}_{tr.height}"
         runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
-        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows) | {"rows_total": world.height, **world_info}
+        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows, va["cluster"].to_numpy()) | {
+            "rows_total": world.height, **world_info}
+        preds.append(prediction_rows(name, va, runs[name]["q"], base_preds))
 
     # Tables.
     qt = Table(title="fit_q held-out quality (ROC-AUC of the final outcome; target: Q >= best baseline + 0.05)")
     for col in ("task", "train/val rows", "epochs", "outcome rate", "AUC Q", "AUC TF-IDF+LR", "AUC turn-rate",
-                "Q - best [95% CI]", "Q - best, unselected rows", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|",
+                "Q - best [95% CI, by conversation]", "row-bootstrap CI", "Q - best, unselected rows", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|",
                 "kept weights"):
         qt.add_column(col, justify="right")
     for name, m in tasks.items():
@@ -381,7 +446,8 @@ def main() -> None:
         qt.add_row(name, f"{runs[name]['train_rows']}/{runs[name]['val_rows']}", f"{runs[name]['epochs']:.0f}",
                    f"{m['outcome_rate']:.2f}",
                    f"{m['auc_q']:.3f}", f"{m['auc_tfidf_lr']:.3f}", f"{m['auc_turn_rate']:.3f}",
-                   f"{m['auc_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]", unsel, f"{m['spearman_q_g']:.3f}",
+                   f"{m['auc_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({m.get('clusters', '-')})",
+                   "[{:+.3f}, {:+.3f}]".format(*m["auc_margin_ci95_rows"]), unsel, f"{m['spearman_q_g']:.3f}",
                    f"{m['mse_q_g']:.4f}", f"{m['q_error_p90']:.3f}", runs[name]["kept"])
     console.print(qt)
     tt = Table(title=f"fit_q training throughput ({torch.get_num_threads()} threads, real tokens over timed optimiser steps)")
@@ -414,7 +480,12 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=float) + "\n")
-    console.print(f"wrote {args.out}")
+    rows_path = Path(args.out).with_suffix(".rows.parquet")
+    if preds:
+        import polars as pl
+
+        pl.concat(preds).write_parquet(rows_path)
+    console.print(f"wrote {args.out}" + (f" and the scored rows to {rows_path}" if preds else ""))
 
 
 if __name__ == "__main__":

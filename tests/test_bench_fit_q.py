@@ -70,3 +70,53 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_
 
     bad = subprocess.run(cmd("dnd,chess"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tasks 'dnd,chess'" in bad.stderr
+
+
+def test_bench_fit_q_world_from_collected_logs_saves_every_scored_row(tmp_path, tiny_model_dir, tiny_params_file):
+    """--world-logs reads a collect run's logs instead of the scripted mix; the scored rows land beside the JSON
+    with their conversation, so the statistics can be recomputed without training again."""
+    import polars as pl
+
+    from pipeline_steps import collect
+
+    logs = tmp_path / "raw"
+    collect.main(["--params", str(tiny_params_file), "--out", str(logs), "--summary", str(tmp_path / "c.json"),
+                  "--no-mlflow", "--no-progress", "--policy", "script:expert", "--conversations", "60"])
+    out = tmp_path / "world.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir), "--threads", "1",
+         "--max-prompt-tokens", "96", "--world-logs", str(logs), "--world-train-rows", "40", "--world-val-rows", "60",
+         "--eval-rows", "8", "--lora-top-layers", "1", "--precision", "fp32", "--tasks", "world", "--out", str(out)],
+        cwd=REPO, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (name, task), = result["tasks"].items()
+    assert task["source"] == f"logs {logs}" and task["conversations"] == 60
+    rows = pl.read_parquet(out.with_suffix(".rows.parquet"))
+    assert rows.height == result["runs"][name]["val_rows"] and set(rows["task"]) == {name}
+    assert task["clusters"] == rows["conversation_id"].n_unique() < rows.height  # several turns per conversation
+    assert {"q", "tfidf_lr", "turn_rate", "outcome", "G"} <= set(rows.columns)
+    lo, hi = task["auc_margin_ci95"]
+    assert lo <= task["auc_margin"] <= hi
+
+
+def test_auc_ci_resamples_whole_conversations():
+    """Copying every conversation's rows 6 times adds no evidence: the conversation bootstrap keeps the CI's
+    width, the row bootstrap (earlier runs) shrinks it by about sqrt(6)."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_fit_q import paired_auc_diff_ci
+
+    rng = np.random.default_rng(3)
+    n = 80
+    y = np.arange(n) % 2
+    a, b = y + rng.normal(0, 1.0, n), y + rng.normal(0, 1.5, n)
+    one = paired_auc_diff_ci(y, a, b, clusters=None, n_boot=400)
+    assert paired_auc_diff_ci(y, a, b, clusters=np.arange(n), n_boot=400) == one  # singletons = the row bootstrap
+    rep = np.repeat(np.arange(n), 6)
+    by_conv = paired_auc_diff_ci(y[rep], a[rep], b[rep], clusters=rep, n_boot=400)
+    by_row = paired_auc_diff_ci(y[rep], a[rep], b[rep], clusters=None, n_boot=400)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert 0.75 < width(by_conv) / width(one) < 1.33
+    assert width(by_row) < 0.6 * width(by_conv)
