@@ -437,7 +437,7 @@ def main() -> None:
     # Tables.
     qt = Table(title="fit_q held-out quality (ROC-AUC of the final outcome; target: Q >= best baseline + 0.05)")
     for col in ("task", "train/val rows", "epochs", "outcome rate", "AUC Q", "AUC TF-IDF+LR", "AUC turn-rate",
-                "Q - best [95% CI, by conversation]", "row-bootstrap CI", "Q - best, unselected rows", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|",
+                "Q - best [95% CI] (conversations)", "row CI", "Q - best, unselected rows", "Spearman(Q,G)", "MSE(Q,G)", "p90 |Q-G|",
                 "kept weights"):
         qt.add_column(col, justify="right")
     for name, m in tasks.items():

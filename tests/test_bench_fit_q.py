@@ -61,6 +61,10 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_
     assert result["runs"]["dnd_fp32_32"]["bf16"] is False
     assert result["bf16_speedup"] is None and result["recommended_bf16"] is None
     assert result["args"]["learning_rate"] == 1e-3
+    # The across-seed summary reads what the bench wrote (one run: no interval yet).
+    summary = _summariser().main([str(out), "--out", str(tmp_path / "summary.json")])
+    assert summary["runs"] == 1 and summary["auc_margin"]["ci95"] is None
+    assert summary["auc_margin"]["mean"] == result["tasks"]["dnd_fp32_32"]["auc_margin"]
 
     # A world-only point does not read Deal-or-No-Deal at all (the file may be absent).
     no_dnd = {**env, "IPPO_DND_FILE": str(tmp_path / "absent.txt")}
@@ -120,3 +124,38 @@ def test_auc_ci_resamples_whole_conversations():
     width = lambda ci: ci[1] - ci[0]  # noqa: E731
     assert 0.75 < width(by_conv) / width(one) < 1.33
     assert width(by_row) < 0.6 * width(by_conv)
+
+
+def _summariser():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import summarise_bench_fit_q
+
+    return summarise_bench_fit_q
+
+
+def test_seed_summary_is_the_mean_margin_with_a_t_interval(tmp_path):
+    """Three seeds' margins +0.06, +0.04, +0.05: mean +0.05, t interval 0.05 -+ t(0.975, 2) * 0.01 / sqrt(3)."""
+    import math
+
+    import pytest
+
+    mod = _summariser()
+    files = []
+    for seed, margin in enumerate((0.06, 0.04, 0.05)):
+        task = {"auc_q": 0.8 + margin, "auc_tfidf_lr": 0.8, "auc_turn_rate": 0.7, "auc_margin": margin,
+                "auc_margin_ci95": [margin - 0.05, margin + 0.05], "clusters": 150, "auc_margin_unselected": margin - 0.01}
+        result = {"args": {"seed": seed, "learning_rate": 1e-3}, "seconds": 900.0,
+                  "tasks": {"dnd_bf16_2323": task, "world_bf16_300": {**task, "auc_margin": -0.03}},
+                  "runs": {"dnd_bf16_2323": {"train_rows": 2323, "val_rows": 512, "kept": "epoch 1"},
+                           "world_bf16_300": {"train_rows": 300, "val_rows": 192, "kept": "probe (epoch 0)"}}}
+        files.append(tmp_path / f"seed{seed}.json")
+        files[-1].write_text(json.dumps(result))
+    s = mod.main([str(f) for f in files])
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert s["runs"] == 3 and s["runs_meeting_target"] == 2
+    assert s["auc_margin"]["mean"] == pytest.approx(0.05)
+    assert s["auc_margin"]["ci95"] == pytest.approx([0.05 - half, 0.05 + half], abs=1e-6)
+    assert s["auc_margin_unselected"]["mean"] == pytest.approx(0.04)
+    assert mod.main([str(files[0]), "--task", "world_"])["auc_margin"]["mean"] == pytest.approx(-0.03)
+    with pytest.raises(SystemExit, match="no task named chess_"):
+        mod.main([str(files[0]), "--task", "chess_"])
