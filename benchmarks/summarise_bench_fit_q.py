@@ -6,7 +6,9 @@
 One run's bootstrap CI covers the validation sample only; a second seed also redraws the LoRA init, the
 train order and the validation sample, and moved the margin by more than that CI's half-width would suggest.
 So the claim "Q beats the best baseline by >= 0.05" is judged on the mean over seeds, with a Student-t 95%
-interval over the per-seed margins (scipy), beside the count of seeds that reach the target.
+interval over the per-seed margins (scipy), beside the count of seeds that reach the target. The seeds share
+one validation split (each scores its own sample of it), so that interval measures training and sampling
+variation; the uncertainty of a finite validation set is each run's own (conversation-bootstrap) CI.
 """
 
 from __future__ import annotations
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         s = summary[key]
         if s is None:
             continue
-        ci = "n/a (one run)" if s["ci95"] is None else f"[{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}], sd {s['sd']:.3f}"
-        console.print(f"{label}: mean {s['mean']:+.3f} over {s['n']} runs, t 95% CI {ci}")
+        f = ".3f" if key == "auc_q" else "+.3f"
+        ci = "n/a (one run)" if s["ci95"] is None else f"[{s['ci95'][0]:{f}}, {s['ci95'][1]:{f}}], sd {s['sd']:.3f}"
+        console.print(f"{label}: mean {s['mean']:{f}} over {s['n']} runs, t 95% CI {ci}")
     console.print(f"runs with margin >= +{TARGET}: {summary['runs_meeting_target']} of {summary['runs']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
