@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/bench_fit_q.py        # defaults: small samples, ~15 min on 2 cores
     .venv/bin/python benchmarks/bench_fit_q.py --dnd-train-rows 1024 --dnd-val-rows 512 --epochs 1 \
-        --world-train-rows 320 --world-val-rows 192 --eval-rows 128   # the README's table: 28 min, quiet 2 cores
+        --world-train-rows 320 --world-val-rows 192 --eval-rows 128   # the README's 3e-4 table: 28 min, quiet 2 cores
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --dnd-train-rows 4000 --dnd-val-rows 512 --epochs 2 \
         --eval-rows 128 --world-train-rows 320 --world-val-rows 192   # every DND train row: 83 min, 10.8 GiB
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --dnd-train-rows 4000 \
-        --dnd-val-rows 512 --epochs 1 --eval-rows 128 --learning-rate 1e-3   # one sweep point: 23 min, Q 0.844
+        --dnd-val-rows 512 --epochs 1 --eval-rows 128 --learning-rate 1e-3   # one sweep point: 15-23 min, Q 0.844
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --dnd-train-rows 4000 --dnd-val-rows 4000 --epochs 1 \
+        --eval-rows 128 --world-train-rows 320 --world-val-rows 192 --learning-rate 1e-3   # the README's table: 30 min
+    .venv/bin/python benchmarks/summarise_bench_fit_q.py RUN_SEED0.json RUN_SEED1.json ...   # the mean over seeds
 
 1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
    with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
