@@ -131,7 +131,7 @@ def world_log_returns(params: Any, tokenizer: Any, logs: str) -> Any:
     from pipeline_steps.common.contract import system_prompt_for
     from pipeline_steps.world.simulator import World
 
-    canon, rejects, counts = ingest.ingest(logs, IngestParams(format="auto"))
+    canon, rejects, _ = ingest.ingest(logs, IngestParams(format="auto"))
     if rejects:
         raise SystemExit(f"--world-logs {logs}: {len(rejects)} records rejected by ingest, first: {rejects[0]}")
     table = returns.build_returns(pl.from_arrow(canon), params, tokenizer, system_prompt_for(World(params.world).vertical))
