@@ -87,16 +87,16 @@ def dnd_returns(params: Any, tokenizer: Any, val_fraction: float) -> Any:
     for r in pl.from_arrow(canon).select("conversation_id", "customer_message", "business_message").iter_rows():
         msgs.setdefault(r[0], []).extend(m for m in r[1:] if m not in skip)
     key = {cid: "\x1f".join(sorted(m)) for cid, m in msgs.items()}
+    digest = {cid: hashlib.sha256(k.encode()).digest() for cid, k in key.items()}  # one hash per conversation
 
     def side(cid: str) -> str:
-        h = int.from_bytes(hashlib.sha256(key[cid].encode()).digest()[:8], "big") / 2**64
+        h = int.from_bytes(digest[cid][:8], "big") / 2**64
         return "validation" if h < val_fraction else "train"
 
     df = pl.from_arrow(table).with_columns(
         pl.col("conversation_id").map_elements(side, return_dtype=pl.String).alias("split"),
         # The bootstrap's resampling unit: a dialogue (its two copies share the outcome, so they are not independent).
-        pl.col("conversation_id").map_elements(lambda c: hashlib.sha256(key[c].encode()).hexdigest()[:16],
-                                               return_dtype=pl.String).alias("cluster"),
+        pl.col("conversation_id").map_elements(lambda c: digest[c].hex()[:16], return_dtype=pl.String).alias("cluster"),
     )
     n_dialogues = len(set(key.values()))
     return df, {"conversations": len(key), "dialogues": n_dialogues}
@@ -129,12 +129,13 @@ def world_log_returns(params: Any, tokenizer: Any, logs: str) -> Any:
     from pipeline_steps import ingest, returns
     from pipeline_steps.common.config import IngestParams
     from pipeline_steps.common.contract import system_prompt_for
-    from pipeline_steps.world.simulator import World
+    from pipeline_steps.world.simulator import load_vertical
 
     canon, rejects, _ = ingest.ingest(logs, IngestParams(format="auto"))
     if rejects:
         raise SystemExit(f"--world-logs {logs}: {len(rejects)} records rejected by ingest, first: {rejects[0]}")
-    table = returns.build_returns(pl.from_arrow(canon), params, tokenizer, system_prompt_for(World(params.world).vertical))
+    # The prompt as the returns step renders it (no World: its featuriser is not needed to read logs).
+    table = returns.build_returns(pl.from_arrow(canon), params, tokenizer, system_prompt_for(load_vertical(params.world.vertical)))
     df = pl.from_arrow(table).with_columns(pl.col("conversation_id").alias("cluster"))
     finals = df.group_by("conversation_id").agg(pl.col("outcome").max())
     return df, {"conversations": finals.height, "conversions": int(finals["outcome"].sum()), "source": f"logs {logs}"}
