@@ -10,6 +10,8 @@
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --dnd-train-rows 4000 --dnd-val-rows 4000 --epochs 1 \
         --eval-rows 128 --world-train-rows 320 --world-val-rows 192 --learning-rate 1e-3   # the README's table: 30 min
     .venv/bin/python benchmarks/summarise_bench_fit_q.py RUN_SEED0.json RUN_SEED1.json ...   # the mean over seeds
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --folds 5 \
+        --dnd-train-rows 4000 --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3   # cross-fitted: 5 x 15 min
 
 1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
    with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
@@ -31,6 +33,13 @@ conversations (a dialogue's turns share its outcome; the row bootstrap of earlie
 and is too narrow) (target: >= +0.05), plus
 Spearman(Q, G), MSE and p90 |Q - G|; the margin again on the validation rows past the first ``--eval-rows``,
 which the Trainer never evaluated to keep its best weights. Every scored row goes to ``<out>.rows.parquet``.
+
+**Cross-fitting** (``--folds K``): one validation split holds too few dialogues for a tight CI (Deal-or-No-Deal:
+162 of 562). With ``--folds K`` the conversations are cut into K folds by a hash of their cluster (a dialogue's
+two copies share one); each fold is scored by a Q and baselines trained on the other K-1 folds, and the
+held-out scores of all folds are pooled into one set where every conversation is held out once, so the
+margin and its conversation-resampled CI use every dialogue. ``--*-train-rows`` and ``--*-val-rows`` then cap
+each fold's sample; the first ``--eval-rows`` held-out rows of each fold are the Trainer's selection rows.
 
 **Throughput** of every run: tokens/s counts real (non-pad) tokens over the timed optimisation steps
 (evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured
@@ -146,6 +155,66 @@ def sample(df: Any, n_train: int, n_val: int, seed: int) -> tuple[Any, Any]:
     tr, va = df.filter(df["split"] == "train"), df.filter(df["split"] == "validation")
     return (tr.sample(min(n_train, tr.height), seed=seed, shuffle=True),
             va.sample(min(n_val, va.height), seed=seed + 1, shuffle=True))
+
+
+def fold_of(clusters: Any, k: int) -> Any:
+    """Fold (0..k-1) of each row from a hash of its cluster: every row of a conversation (and both copies of a
+    Deal-or-No-Deal dialogue) lands in one fold, and the folds do not depend on row order or seed."""
+    import numpy as np
+
+    h = {c: int.from_bytes(hashlib.sha256(str(c).encode()).digest()[:8], "big") for c in set(clusters)}
+    return np.array([h[c] * k >> 64 for c in clusters], dtype=np.int64)
+
+
+def cross_fit(df: Any, k: int, n_train: int, n_val: int, seed: int, eval_rows: int,
+              fit: Any) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]:
+    """Scores every held-out row of ``k`` folds with models trained on the other folds.
+
+    ``fit(train, val)`` returns ``(q, base_preds, run)`` for one fold. The pooled rows come back with each
+    fold's first ``eval_rows`` (the Trainer's selection rows) first, so ``quality(..., k * eval_rows)``
+    reports the margin on the never-evaluated rest as for one split.
+    """
+    import numpy as np
+    import polars as pl
+
+    df = df.with_columns(pl.Series("fold", fold_of(df["cluster"].to_list(), k)))
+    parts, runs = [], []
+    for f in range(k):
+        tr, va = sample(df.with_columns(pl.when(pl.col("fold") == f).then(pl.lit("validation")).otherwise(pl.lit("train"))
+                                        .alias("split")), n_train, n_val, seed)
+        if va.height <= eval_rows or len(set(va["outcome"].to_list())) < 2:
+            raise SystemExit(f"--folds {k}: fold {f} holds {va.height} rows ({va['cluster'].n_unique()} conversations), "
+                             f"too few past --eval-rows {eval_rows} or one outcome only; use fewer folds")
+        q, base_preds, run = fit(tr, va)
+        parts.append((va, q, base_preds))
+        runs.append(run)
+
+    def pooled(per_fold: list[Any]) -> Any:  # the folds' selection rows first, then the rest
+        items = [x[:eval_rows] for x in per_fold] + [x[eval_rows:] for x in per_fold]
+        return pl.concat(items) if isinstance(items[0], pl.DataFrame) else np.concatenate(items)
+
+    val = pooled([va for va, _, _ in parts])
+    q = pooled([q for _, q, _ in parts])
+    base_preds = {name: pooled([b[name] for _, _, b in parts]) for name in parts[0][2]}
+    return val, q, base_preds, runs
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for the K fold runs of a cross-fit: rows and tokens summed, throughput over the summed time."""
+    import numpy as np
+
+    out = {k: v for k, v in runs[0].items() if k in ("bf16", "non_embedding_params", "layers", "hidden", "flops_per_token_6n")}
+    for key in ("train_tokens", "step_seconds", "train_wall_seconds", "score_seconds", "init_seconds", "val_rows"):
+        out[key] = sum(r[key] for r in runs)
+    out["train_rows"] = int(round(np.mean([r["train_rows"] for r in runs])))  # per fold
+    out["epochs"] = max(r["epochs"] for r in runs)
+    out["tokens_per_second"] = out["train_tokens"] / out["step_seconds"]
+    out["score_tokens_per_second"] = float(np.mean([r["score_tokens_per_second"] for r in runs]))
+    out["mean_tokens_per_row"] = float(np.mean([r["mean_tokens_per_row"] for r in runs]))
+    out["flops_per_token_exec"] = float(np.mean([r["flops_per_token_exec"] for r in runs]))
+    out["kept"] = ", ".join(r["kept"] for r in runs)
+    out["folds"] = [{k: v for k, v in r.items() if k != "q"} for r in runs]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,6 +391,7 @@ def prediction_rows(task: str, val: Any, q: Any, base_preds: dict[str, Any]) -> 
     return pl.DataFrame({"task": [task] * val.height, "row": list(range(val.height)),
                          "conversation_id": val["conversation_id"], "cluster": val["cluster"],
                          "turn_index": val["turn_index"], "outcome": val["outcome"], "G": val["G"],
+                         "fold": val["fold"] if "fold" in val.columns else [None] * val.height,
                          "q": q, **{name: p for name, p in base_preds.items()}})
 
 
@@ -353,12 +423,18 @@ def main() -> None:
     ap.add_argument("--precision", choices=("measure", "fp32", "bf16"), default="measure",
                     help="measure: the fp32-vs-bf16 runs pick it (step 1); fp32/bf16: skip them (sweeps)")
     ap.add_argument("--tasks", default="dnd,world", help="comma-separated: dnd, world (sweeps may skip the world)")
+    ap.add_argument("--folds", type=int, default=0,
+                    help="cross-fit K folds of conversations: every conversation held out once (needs --precision fp32|bf16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/bench_fit_q.json")
     args = ap.parse_args()
     wanted = {t.strip() for t in args.tasks.split(",") if t.strip()}
     if not wanted or wanted - {"dnd", "world"}:
         ap.error(f"--tasks {args.tasks!r}: choose from dnd, world")
+    if args.folds == 1 or args.folds < 0:
+        ap.error(f"--folds {args.folds}: 0 (one split) or at least 2")
+    if args.folds and args.precision == "measure":
+        ap.error("--folds trains K models per task: fix the precision with --precision fp32 or bf16")
 
     import torch
     from rich.console import Console
@@ -416,27 +492,39 @@ def main() -> None:
         use_bf16, measured_all = args.precision == "bf16", False
     prec = "bf16" if use_bf16 else "fp32"
 
+    def fit(tr: Any, va: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
+        run = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
+        y_va = va["outcome"].to_numpy()
+        run["held_out_auc"] = {"q": auc(y_va, run["q"]), **{k: auc(y_va, p) for k, p in base_preds.items()}}
+        console.print(f"  {tr.height} train / {va.height} held-out rows: AUC Q {run['held_out_auc']['q']:.3f}, TF-IDF "
+                      f"{run['held_out_auc']['tfidf_lr']:.3f} ({time.perf_counter() - t_start:.0f}s elapsed)")
+        return run["q"], base_preds, run
+
+    def quality_run(task: str, df: Any, info: dict[str, Any], n_train: int, n_val: int) -> None:
+        """Q and the baselines on one split of ``df``, or cross-fitted over ``--folds`` folds."""
+        if args.folds:
+            va, q, base_preds, fold_runs = cross_fit(df, args.folds, n_train, n_val, args.seed, args.eval_rows, fit)
+            name, run = f"{task}_{prec}_cv{args.folds}", combine_runs(fold_runs)
+        else:
+            tr, va = sample(df, n_train, n_val, args.seed)
+            q, base_preds, run = fit(tr, va)
+            name = f"{task}_{prec}_{tr.height}"
+        runs[name] = run
+        tasks[name] = quality(va["outcome"].to_numpy(), va["G"].to_numpy(), q, base_preds,
+                              args.eval_rows * max(args.folds, 1), va["cluster"].to_numpy()) | {"rows_total": df.height, **info}
+        preds.append(prediction_rows(name, va, q, base_preds))
+        console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC ({time.perf_counter() - t_start:.0f}s elapsed)")
+
     # 2. Deal-or-No-Deal at the full --dnd-train-rows and --epochs, with the faster precision that costs no quality.
     if "dnd" in wanted and not measured_all:
-        name = f"dnd_{prec}_{tr.height}"
-        base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
-        runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
-        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows, clusters) | {"rows_total": dnd.height, **dnd_info}
-        preds.append(prediction_rows(name, va, runs[name]["q"], base_preds))
-        console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC ({time.perf_counter() - t_start:.0f}s elapsed)")
+        quality_run("dnd", dnd, dnd_info, args.dnd_train_rows, args.dnd_val_rows)
 
     # 3. World logs with the same precision and epochs.
     if "world" in wanted:
         world, world_info = (world_log_returns(params, tokenizer, args.world_logs) if args.world_logs
                              else world_returns(params, tokenizer, args.world_per_strategy))
-        tr, va = sample(world, args.world_train_rows, args.world_val_rows, args.seed)
-        y, g = va["outcome"].to_numpy(), va["G"].to_numpy()
-        base_preds = {"tfidf_lr": tfidf_baseline(tr, va), "turn_rate": turn_rate_baseline(tr, va)}
-        name = f"world_{prec}_{tr.height}"
-        runs[name] = train_and_score(params, base, tokenizer, tr, va, use_bf16, args.eval_rows, args.epochs)
-        tasks[name] = quality(y, g, runs[name]["q"], base_preds, args.eval_rows, va["cluster"].to_numpy()) | {
-            "rows_total": world.height, **world_info}
-        preds.append(prediction_rows(name, va, runs[name]["q"], base_preds))
+        quality_run("world", world, world_info, args.world_train_rows, args.world_val_rows)
 
     # Tables.
     qt = Table(title="fit_q held-out quality (ROC-AUC of the final outcome; target: Q >= best baseline + 0.05)")
@@ -488,7 +576,7 @@ def main() -> None:
     if preds:
         import polars as pl
 
-        pl.concat(preds).write_parquet(rows_path)
+        pl.concat(preds, how="diagonal_relaxed").write_parquet(rows_path)
     console.print(f"wrote {args.out}" + (f" and the scored rows to {rows_path}" if preds else ""))
 
 

@@ -104,6 +104,59 @@ def test_bench_fit_q_world_from_collected_logs_saves_every_scored_row(tmp_path, 
     assert lo <= task["auc_margin"] <= hi
 
 
+def test_cross_fitting_holds_out_every_conversation_once(tmp_path, tiny_model_dir, dealornodeal_file):
+    """--folds 3: each Deal-or-No-Deal row is scored once, by a Q (and baselines) trained on the other folds; a
+    dialogue's two copies share a fold; the pooled margin's CI resamples every dialogue of the corpus."""
+    import polars as pl
+
+    dnd = tmp_path / "dnd.txt"
+    dnd.write_text("".join(dealornodeal_file.read_text().splitlines(keepends=True)[:150]))
+    out = tmp_path / "cv.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
+           "--threads", "1", "--max-prompt-tokens", "96", "--dnd-train-rows", "24", "--dnd-val-rows", "100000",
+           "--eval-rows", "8", "--lora-top-layers", "1", "--precision", "fp32", "--tasks", "dnd", "--folds", "3",
+           "--out", str(out)]
+    env = {**os.environ, "IPPO_DND_FILE": str(dnd), "COLUMNS": "200"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (name, task), = result["tasks"].items()
+    run = result["runs"][name]
+    assert name == "dnd_fp32_cv3" and len(run["folds"]) == 3
+    assert [f["train_rows"] for f in run["folds"]] == [24, 24, 24] and run["train_rows"] == 24
+
+    rows = pl.read_parquet(out.with_suffix(".rows.parquet"))
+    assert rows.height == run["val_rows"] == task["rows_total"]  # every row held out, once
+    assert rows.select("conversation_id", "turn_index").is_unique().all()
+    assert sorted(rows["fold"].unique().to_list()) == [0, 1, 2]
+    assert (rows.group_by("cluster").agg(pl.col("fold").n_unique())["fold"] == 1).all()  # both copies, one fold
+    assert task["clusters"] == rows["cluster"].n_unique() == task["dialogues"]
+    assert rows["conversation_id"].n_unique() == task["conversations"]
+    assert task["unselected_rows"] == rows.height - 3 * 8  # each fold's selection rows left out
+    lo, hi = task["auc_margin_ci95"]
+    assert lo <= task["auc_margin"] <= hi
+    for fold in run["folds"]:
+        assert 0.0 <= fold["held_out_auc"]["q"] <= 1.0 and fold["tokens_per_second"] > 0
+
+    for bad, message in ((["--folds", "1"], "--folds 1"), (["--precision", "measure"], "fix the precision")):
+        proc = subprocess.run(cmd + bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_folds_follow_the_conversation_not_the_row_order():
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_fit_q import fold_of
+
+    clusters = [f"c{i}" for i in range(2000) for _ in range(3)]
+    folds = fold_of(clusters, 5)
+    assert np.array_equal(fold_of(clusters[::-1], 5), folds[::-1])
+    assert all(len(set(folds[i:i + 3])) == 1 for i in range(0, len(clusters), 3))
+    counts = np.bincount(folds, minlength=5) / 3
+    assert counts.min() > 330 and counts.max() < 470  # ~400 conversations each
+
+
 def test_auc_ci_resamples_whole_conversations():
     """Copying every conversation's rows 6 times adds no evidence: the conversation bootstrap keeps the CI's
     width, the row bootstrap (earlier runs) shrinks it by about sqrt(6)."""
