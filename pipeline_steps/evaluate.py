@@ -39,18 +39,19 @@ STEP = "evaluate"
 # ------------------------------------------------------------------------------------------------
 
 
-def heldout_states(returns_path: str | Path, n: int) -> list[str]:
-    """Distinct validation-split states, a deterministic sample of at most ``n``."""
+def heldout_states(returns_path: str | Path, n: int) -> tuple[list[str], list[str]]:
+    """Distinct validation-split states, a deterministic sample of at most ``n``, and the conversation of each
+    (the improvement CI resamples whole conversations)."""
     import polars as pl
 
     df = pl.read_parquet(returns_path, columns=["state_text", "split", "conversation_id", "turn_index"])
     val = df.filter(pl.col("split") == "validation").unique(subset=["state_text"], keep="first").sort(["conversation_id", "turn_index"])
     if val.height == 0:
         raise ValueError(f"{returns_path}: no validation-split states to evaluate on")
-    states = val["state_text"].to_list()
+    states, conversations = val["state_text"].to_list(), val["conversation_id"].cast(pl.String).to_list()
     rng = np.random.default_rng(0)
     idx = sorted(rng.choice(len(states), size=min(n, len(states)), replace=False))
-    return [states[i] for i in idx]
+    return [states[i] for i in idx], [conversations[i] for i in idx]
 
 
 def sample_suggestions(policy: Any, states: Sequence[str], batch_size: int, seed: int) -> tuple[list[str | None], list[list[int]]]:
@@ -91,7 +92,9 @@ def guardrails(texts: Sequence[str | None], world: Any) -> dict[str, float]:
 
 
 def offline_evaluation(params: Params, baseline: Any, candidate: Any, q_dir: str | Path, states: list[str], world: Any,
-                       q_error: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                       q_error: dict[str, Any], groups: Sequence[str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Q of each policy's suggestion on ``states`` (paired; the CI resamples ``groups``, the states' conversations,
+    when given), KL per token and guardrails."""
     from pipeline_steps.common.q_input import action_text
     from pipeline_steps.common.q_model import load_scorer, score
 
@@ -107,7 +110,7 @@ def offline_evaluation(params: Params, baseline: Any, candidate: Any, q_dir: str
         "states": len(states),
         "q_baseline_mean": float(np.mean(q_base)),
         "q_candidate_mean": float(np.mean(q_cand)),
-        "improvement": paired_bootstrap(q_cand, q_base, e.bootstrap_resamples, seed=0),
+        "improvement": paired_bootstrap(q_cand, q_base, e.bootstrap_resamples, seed=0, groups=groups),
         "kl_per_token": kl,
         "q_error_p90": q_error.get("q_error_p90"),
         "q_error_mean": q_error.get("q_error_mean"),
@@ -256,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline = load_policy(args.baseline, params, world.vertical, seed=seed)
     candidate = load_policy(args.candidate, params, world.vertical, seed=seed)
     with step_run(STEP, params.evaluate.model_dump(), enabled=not args.no_mlflow) as run:
-        states = heldout_states(args.returns, params.evaluate.heldout_states)
-        offline, samples = offline_evaluation(params, baseline, candidate, args.q_model, states, world, q_error)
+        states, conversations = heldout_states(args.returns, params.evaluate.heldout_states)
+        offline, samples = offline_evaluation(params, baseline, candidate, args.q_model, states, world, q_error, conversations)
         if args.ab_logs:
             ab, curves = ab_from_logs(params, args.ab_logs, args.control_variant, args.treatment_variant)
         else:

@@ -115,6 +115,7 @@ class PromptSets:
     train: list[str]
     heldout: list[str]
     info: dict[str, int] = field(default_factory=dict)
+    heldout_conversations: list[str] = field(default_factory=list)  # of each held-out state: the CI's resampling unit
 
 
 def single_turn_prompts(rows: Any, where: str, max_heldout: int, seed: int) -> PromptSets:
@@ -131,11 +132,17 @@ def single_turn_prompts(rows: Any, where: str, max_heldout: int, seed: int) -> P
         raise PPOTuneError(where, "schema", f"missing columns {missing} (expected the returns step's output)")
     ordered = rows.sort(["conversation_id", "turn_index"], maintain_order=True)
 
-    def distinct(split: str) -> list[str]:
-        states = ordered.filter(pl.col("split") == split).get_column("state_text").to_list()
-        return list(dict.fromkeys(s for s in states if s))
+    def distinct(split: str) -> dict[str, str]:
+        """Each distinct state of ``split`` with the conversation it first occurs in."""
+        part = ordered.filter(pl.col("split") == split)
+        states, conversations = part["state_text"].to_list(), part["conversation_id"].cast(pl.String).to_list()
+        out: dict[str, str] = {}
+        for s, c in zip(states, conversations):
+            if s:
+                out.setdefault(s, c)
+        return out
 
-    train = distinct(TRAIN_SPLIT)
+    train = list(distinct(TRAIN_SPLIT))
     seen = set(train)
     heldout_all = distinct(HELDOUT_SPLIT)
     heldout = [s for s in heldout_all if s not in seen]
@@ -150,10 +157,11 @@ def single_turn_prompts(rows: Any, where: str, max_heldout: int, seed: int) -> P
     if len(heldout) > max_heldout:
         keep = np.sort(np.random.default_rng(seed).choice(len(heldout), size=max_heldout, replace=False))
         heldout = [heldout[i] for i in keep]
+    conversations = [heldout_all[s] for s in heldout]
     info = dict(rows=rows.height, train_states=len(train), heldout_states_available=len(heldout_all),
                 heldout_states_overlapping_train=len(heldout_all) - sum(s not in seen for s in heldout_all),
                 heldout_states=len(heldout))
-    return PromptSets(train, heldout, info)
+    return PromptSets(train, heldout, info, conversations)
 
 
 def read_returns(path: str | Path) -> Any:
@@ -541,8 +549,10 @@ def sample_responses(model: Any, tokenizer: Any, states: Sequence[str], p: PPOTu
 
 
 def theorem1_check(old: Any, new: Any, tokenizer: Any, scorer: Any, q_tok: Any, states: Sequence[str], p: PPOTuneParams,
-                   max_action_tokens: int | None, progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """E_{pi_{i+1}}[Q] - E_{pi_i}[Q] on held-out states (paired bootstrap CI) and KL(pi_{i+1} || pi_i) per token."""
+                   max_action_tokens: int | None, progress: bool,
+                   conversations: Sequence[str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """E_{pi_{i+1}}[Q] - E_{pi_i}[Q] on held-out states (paired bootstrap CI, resampling whole ``conversations``
+    when given: the states of one share its history) and KL(pi_{i+1} || pi_i) per token."""
     from pipeline_steps.common.q_input import q_input_ids
     from pipeline_steps.common.q_model import score_ids
 
@@ -570,7 +580,7 @@ def theorem1_check(old: Any, new: Any, tokenizer: Any, scorer: Any, q_tok: Any, 
         "samples_per_state": k,
         "q_pi_i_mean": float(q_old.mean()),
         "q_pi_next_mean": float(q_new.mean()),
-        "improvement": paired_bootstrap(state_new, state_old, p.bootstrap_resamples, p.seed),
+        "improvement": paired_bootstrap(state_new, state_old, p.bootstrap_resamples, p.seed, groups=conversations),
         "kl_per_token": float(per_response.sum() / max(tokens, 1)),
         "kl_per_response": float(per_response.mean()),
         "beta_kl_per_response": float(p.kl_coef * per_response.mean()),
@@ -726,7 +736,8 @@ def tune(params: Params, returns_path: str | Path, q_path: str | Path, out_dir: 
         old = load_causal_lm(inputs.policy_path, dtype=params.base_model.dtype)
         new = load_causal_lm(stage / "policy", dtype=params.base_model.dtype)
         check, samples = theorem1_check(old, new, inputs.tokenizer, inputs.scorer, inputs.q_tokenizer,
-                                        inputs.prompts.heldout, p, inputs.max_action_tokens, progress)
+                                        inputs.prompts.heldout, p, inputs.max_action_tokens, progress,
+                                        inputs.prompts.heldout_conversations)
         write_samples(samples, stage)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -67,6 +67,7 @@ def test_evaluate_end_to_end_on_tiny_models(tmp_path, tiny_params_file, tiny_mod
     # Same weights, same seed: the candidate is the baseline, so the KL is 0 and the improvement is 0.
     assert off["kl_per_token"] == pytest.approx(0.0, abs=1e-5)
     assert off["improvement"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert off["improvement"]["resampled"] == "groups" and 1 <= off["improvement"]["n_groups"] <= 6  # conversations
     assert set(off["guardrails"]["candidate"]) == {"acceptance", "mean_words", "abstain_rate"}
     assert ab["control"]["trials"] == ab["treatment"]["trials"] == 6 and ab["mode"] == "world"
     assert (tmp_path / "plots" / "ab_conversion.png").stat().st_size > 1000
@@ -81,6 +82,29 @@ def test_paired_improvement_ci_brackets_the_mean():
 
     r = paired_bootstrap(cand, base, 1000, seed=0)
     assert r["ci_low"] < r["mean"] < r["ci_high"] and r["ci_low"] > 0.04 and r["ci_high"] < 0.06
+
+
+def test_improvement_ci_resamples_whole_conversations():
+    """Six states per conversation that repeat one difference add no evidence: with the conversations as groups
+    the CI keeps the width of one state per conversation; resampling states shrinks it by about sqrt(6)."""
+    from pipeline_steps.common.stats import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.3, 0.1, 60)
+    cand = base + 0.02 + rng.normal(0, 0.05, 60)
+    one = paired_bootstrap(cand, base, 2000, seed=0)
+    rep = np.repeat(np.arange(60), 6)
+    by_conv = paired_bootstrap(cand[rep], base[rep], 2000, seed=0, groups=rep)
+    by_state = paired_bootstrap(cand[rep], base[rep], 2000, seed=0)
+    width = lambda r: r["ci_high"] - r["ci_low"]  # noqa: E731
+    assert by_conv["mean"] == pytest.approx(one["mean"]) and by_conv["n_groups"] == 60 and by_conv["n_states"] == 360
+    assert 0.8 < width(by_conv) / width(one) < 1.25
+    assert width(by_state) < 0.6 * width(by_conv)
+    assert by_conv["ci_low"] < by_conv["mean"] < by_conv["ci_high"]
+    one_conversation = paired_bootstrap(cand[:6], base[:6], 200, seed=0, groups=["c"] * 6)
+    assert one_conversation["method"] == "degenerate"  # one group: nothing to resample
+    with pytest.raises(ValueError, match="5 labels for 6 states"):
+        paired_bootstrap(cand[:6], base[:6], 200, seed=0, groups=["c"] * 5)
 
 
 def test_ab_from_production_logs(tmp_path, params):

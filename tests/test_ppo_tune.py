@@ -224,6 +224,7 @@ def test_ppo_improves_heldout_q_with_bounded_kl_as_theorem_2_expects(ppo_run, wo
     assert m["algorithm"] == "ppo" and m["prompts"]["heldout_states"] == 8
     assert m["training"]["episodes"] == 64 and m["training"]["updates"] == 4
     assert imp["ci_low"] > 0, imp
+    assert imp["resampled"] == "groups" and 1 <= imp["n_groups"] <= 8
     assert "improvement (95% CI)" in ppo_run["stdout"]
 
     p = TINY_PPO
@@ -347,6 +348,7 @@ def test_single_turn_prompts_dedupe_split_and_keep_heldout_unseen():
     })
     sets = single_turn_prompts(rows, "returns.parquet", max_heldout=10, seed=0)
     assert sets.train == ["a", "b"] and sets.heldout == ["c", "d"]  # 'a' was seen in training
+    assert sets.heldout_conversations == ["3", "4"]  # where each first occurs: the Theorem 1 CI's resampling unit
     assert sets.info["heldout_states_overlapping_train"] == 1
     assert len(single_turn_prompts(rows, "r", max_heldout=1, seed=0).heldout) == 1
     with pytest.raises(PPOTuneError, match="non_empty_prompts"):

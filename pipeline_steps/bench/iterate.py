@@ -339,7 +339,7 @@ def kl_from_pi0(runner: Runner, base: dict[str, Any], policies: dict[str, str], 
             from pipeline_steps.world.simulator import World
 
             cache["vertical"] = World(params.world).vertical
-            cache["states"] = heldout_states(returns_path, params.bench.kl_states)
+            cache["states"], _ = heldout_states(returns_path, params.bench.kl_states)
             cache["pi0"] = load_policy("pi0", params, cache["vertical"])
         return cache["vertical"], cache["states"], cache["pi0"]
 
