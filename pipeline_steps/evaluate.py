@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mlflow.log_artifact(args.samples)
     write_json(args.metrics, metrics)
     imp = offline["improvement"]
-    print(f"offline: E[Q'] - E[Q] = {imp['mean']:+.4f} [{imp['ci_low']:+.4f}, {imp['ci_high']:+.4f}], KL/token = {offline['kl_per_token']:.4f}")
+    print(f"offline: E[Q'] - E[Q] = {imp['mean']:+.4f} [{imp['ci_low']:+.4f}, {imp['ci_high']:+.4f}] "
+          f"({imp['n_states']} states, {imp.get('n_groups', imp['n_states'])} conversations resampled), "
+          f"KL/token = {offline['kl_per_token']:.4f}")
     print(f"A/B ({ab['mode']}): control {ab['control']['rate']:.3f} vs treatment {ab['treatment']['rate']:.3f}, "
           f"lift {ab['lift_abs']:+.3f} [{ab['lift_ci_low']:+.3f}, {ab['lift_ci_high']:+.3f}], p = {ab['p_value']:.3g}")
     return metrics

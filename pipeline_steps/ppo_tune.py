@@ -777,6 +777,7 @@ def print_summary(metrics: dict[str, Any]) -> None:
     table.add_row("E[Q] under pi_i", f"{c['q_pi_i_mean']:.4f}")
     table.add_row("E[Q] under pi_i+1", f"{c['q_pi_next_mean']:.4f}")
     table.add_row("improvement (95% CI)", f"{imp['mean']:+.4f} [{imp['ci_low']:+.4f}, {imp['ci_high']:+.4f}]")
+    table.add_row("CI resamples", f"{imp.get('n_groups', imp['n_states'])} {'conversations' if 'n_groups' in imp else 'states'}")
     table.add_row("KL(pi_i+1 || pi_i) per token", f"{c['kl_per_token']:.4f}")
     table.add_row("KL per response", f"{c['kl_per_response']:.4f}")
     t = metrics["training"]
