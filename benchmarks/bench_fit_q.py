@@ -10,8 +10,8 @@
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --dnd-train-rows 4000 --dnd-val-rows 4000 --epochs 1 \
         --eval-rows 128 --world-train-rows 320 --world-val-rows 192 --learning-rate 1e-3   # the README's table: 30 min
     .venv/bin/python benchmarks/summarise_bench_fit_q.py RUN_SEED0.json RUN_SEED1.json ...   # the mean over seeds
-    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --folds 5 \
-        --dnd-train-rows 4000 --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3   # cross-fitted: 5 x 15 min
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --folds 3 \
+        --dnd-train-rows 4000 --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3   # cross-fitted: 3 x ~20 min
 
 1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
    with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
