@@ -468,12 +468,12 @@ def main() -> None:
     preds: list[Any] = []
     if "dnd" in wanted or args.precision == "measure":  # the precision runs are on Deal-or-No-Deal rows
         dnd, dnd_info = dnd_returns(params, tokenizer, 0.3)
-        tr, va = sample(dnd, args.dnd_train_rows, args.dnd_val_rows, args.seed)
-        y, g, clusters = va["outcome"].to_numpy(), va["G"].to_numpy(), va["cluster"].to_numpy()
 
     # 1. Precision: fp32 against bf16 autocast on the first --throughput-rows train rows (same rows, seed, budget).
     speedup = quality_cost = fp32 = bf16_run = None
     if args.precision == "measure":
+        tr, va = sample(dnd, args.dnd_train_rows, args.dnd_val_rows, args.seed)  # the rows quality_run draws too
+        y, g, clusters = va["outcome"].to_numpy(), va["G"].to_numpy(), va["cluster"].to_numpy()
         small = tr.head(args.throughput_rows)
         small_preds = {"tfidf_lr": tfidf_baseline(small, va), "turn_rate": turn_rate_baseline(small, va)}
         for bf16 in (False, True):
