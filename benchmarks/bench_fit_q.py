@@ -425,6 +425,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="dnd,world", help="comma-separated: dnd, world (sweeps may skip the world)")
     ap.add_argument("--folds", type=int, default=0,
                     help="cross-fit K folds of conversations: every conversation held out once (needs --precision fp32|bf16)")
+    ap.add_argument("--gamma", type=float, default=None,
+                    help="returns.gamma for both tasks (default: params.yaml's); near 1, G is the outcome itself")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/bench_fit_q.json")
     args = ap.parse_args()
@@ -453,6 +455,7 @@ def main() -> None:
         "returns.validation_fraction": 0.3, "fit_q.epochs": args.epochs, "fit_q.learning_rate": args.learning_rate,
         "fit_q.batch_size": 8, "fit_q.gradient_accumulation_steps": 1, "fit_q.warmup": 0.1, "fit_q.seed": args.seed,
         "fit_q.data_seed": args.seed, "fit_q.lora_top_layers": args.lora_top_layers,
+        **({"returns.gamma": args.gamma} if args.gamma is not None else {}),
     })
     base = Path(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     tokenizer = load_tokenizer(base)
@@ -564,7 +567,7 @@ def main() -> None:
     out = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "loadavg_end": os.getloadavg(), "maxrss_gib": maxrss_gb},
-        "args": vars(args), "matmul_peak_gflops": peak, "tasks": tasks,
+        "args": vars(args), "returns_gamma": params.returns.gamma, "matmul_peak_gflops": peak, "tasks": tasks,
         "runs": {k: {kk: vv for kk, vv in v.items() if kk != "q"} for k, v in runs.items()},
         "bf16_speedup": speedup, "bf16_mse_change": quality_cost,
         "recommended_bf16": use_bf16 if args.precision == "measure" else None,

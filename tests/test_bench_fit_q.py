@@ -46,18 +46,26 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_
     """--precision fixed and --tasks: one run of the named task at the given learning rate, nothing else."""
     out = tmp_path / "sweep.json"
 
-    def cmd(tasks: str) -> list[str]:
+    def cmd(tasks: str, *extra: str) -> list[str]:
         return [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
                 "--threads", "1", "--max-prompt-tokens", "96", "--dnd-train-rows", "32", "--dnd-val-rows", "40",
                 "--world-per-strategy", "6", "--world-train-rows", "24", "--world-val-rows", "40",
                 "--eval-rows", "8", "--lora-top-layers", "1", "--precision", "fp32", "--tasks", tasks,
-                "--learning-rate", "1e-3", "--out", str(out)]
+                "--learning-rate", "1e-3", "--out", str(out), *extra]
 
     env = {**os.environ, "IPPO_DND_FILE": str(dealornodeal_file), "COLUMNS": "200"}
-    proc = subprocess.run(cmd("dnd"), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd("dnd", "--gamma", "0.99"), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert list(result["tasks"]) == ["dnd_fp32_32"]
+    # --gamma sets returns.gamma: a deal's G is 0.99^k (k turns before its end), where params.yaml's 0.9 gives 0.9^k.
+    assert result["returns_gamma"] == 0.99
+    import numpy as np
+    import polars as pl
+    rows = pl.read_parquet(out.with_suffix(".rows.parquet"))
+    g = rows.filter(pl.col("outcome") == 1)["G"].to_numpy()
+    k = np.log(g) / np.log(0.99)
+    assert len(g) and np.allclose(k, np.round(k), atol=1e-6) and (g < 1).any()
     assert result["runs"]["dnd_fp32_32"]["bf16"] is False
     assert result["bf16_speedup"] is None and result["recommended_bf16"] is None
     assert result["args"]["learning_rate"] == 1e-3
@@ -70,7 +78,8 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_
     no_dnd = {**env, "IPPO_DND_FILE": str(tmp_path / "absent.txt")}
     proc = subprocess.run(cmd("world"), cwd=REPO, env=no_dnd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list(json.loads(out.read_text())["tasks"]) == ["world_fp32_24"]
+    world = json.loads(out.read_text())
+    assert list(world["tasks"]) == ["world_fp32_24"] and world["returns_gamma"] == 0.9  # params.yaml's
 
     bad = subprocess.run(cmd("dnd,chess"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tasks 'dnd,chess'" in bad.stderr
