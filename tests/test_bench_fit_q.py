@@ -79,7 +79,9 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_
     proc = subprocess.run(cmd("world"), cwd=REPO, env=no_dnd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     world = json.loads(out.read_text())
-    assert list(world["tasks"]) == ["world_fp32_24"] and world["returns_gamma"] == 0.9  # params.yaml's
+    from pipeline_steps.common.config import load_params
+    assert list(world["tasks"]) == ["world_fp32_24"]
+    assert world["returns_gamma"] == load_params(REPO / "params.yaml").returns.gamma != 0.99  # params.yaml's
 
     bad = subprocess.run(cmd("dnd,chess"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tasks 'dnd,chess'" in bad.stderr
@@ -221,3 +223,39 @@ def test_seed_summary_is_the_mean_margin_with_a_t_interval(tmp_path):
     assert mod.main([str(files[0]), "--task", "world_"])["auc_margin"]["mean"] == pytest.approx(-0.03)
     with pytest.raises(SystemExit, match="no task named chess_"):
         mod.main([str(files[0]), "--task", "chess_"])
+
+
+def test_paired_comparison_of_two_runs_on_the_same_rows(tmp_path):
+    """Run b's Q is run a's plus noise on fold 1 only: fold 0 is unchanged, the pooled difference is negative with
+    a CI over the 60 conversations; rows in another order are refused with exit 2, nothing written."""
+    import numpy as np
+    import polars as pl
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compare_bench_fit_q_rows as mod
+
+    rng = np.random.default_rng(0)
+    conv = np.repeat(np.arange(60), 4)
+    y = np.repeat(rng.integers(0, 2, 60), 4)
+    q = y * 0.3 + rng.uniform(0, 1, conv.size)
+    fold = conv % 2
+    rows = pl.DataFrame({"task": ["dnd_bf16_cv2"] * conv.size, "row": np.arange(conv.size),
+                         "conversation_id": [f"c{c}" for c in conv], "cluster": [f"k{c}" for c in conv],
+                         "turn_index": np.tile(np.arange(4), 60), "outcome": y, "G": y * 0.9, "fold": fold, "q": q})
+    a, b = tmp_path / "a.rows.parquet", tmp_path / "b.rows.parquet"
+    rows.write_parquet(a)
+    rows.with_columns(q=pl.Series(np.where(fold == 1, q + rng.normal(0, 2, conv.size), q))).write_parquet(b)
+
+    result = mod.main([str(a), str(b), "--out", str(tmp_path / "cmp.json")])
+    assert [f["fold"] for f in result["folds"]] == [0, 1] and result["clusters"] == 60
+    assert result["folds"][0]["auc_b"] == result["folds"][0]["auc_a"]
+    assert result["folds"][1]["auc_b"] < result["folds"][1]["auc_a"]
+    lo, hi = result["auc_diff_ci95"]
+    assert result["auc_diff"] < 0 and lo <= result["auc_diff"] <= hi
+    assert json.loads((tmp_path / "cmp.json").read_text())["auc_diff"] == result["auc_diff"]
+
+    shuffled = tmp_path / "shuffled.rows.parquet"
+    rows.sample(fraction=1.0, shuffle=True, seed=1).write_parquet(shuffled)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_bench_fit_q_rows.py"), str(a),
+                           str(shuffled), "--out", str(tmp_path / "bad.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not paired" in proc.stderr and not (tmp_path / "bad.json").exists()

@@ -1,0 +1,77 @@
+"""Two ``bench_fit_q.py`` runs on the same rows, paired: ROC-AUC of each run's Q per fold and pooled, and the
+difference of the pooled AUCs with a 95% CI that resamples whole conversations (the dialogue, on Deal-or-No-Deal).
+
+    .venv/bin/python benchmarks/compare_bench_fit_q_rows.py \
+        benchmarks/results/bench_fit_q_crossfit/dnd_cv3_lr_1e-3.rows.parquet \
+        benchmarks/results/bench_fit_q_crossfit/dnd_cv3_lr_1e-3_gamma_0.99.rows.parquet
+
+Two runs with the same folds, seed and row sample score the same rows, so comparing their Qs row for row
+removes the validation sample's own variation, which two separate CIs would count twice. Runs that did not
+score the same rows in the same order are refused (exit 2): pairing them would be meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fit_q import auc, paired_auc_diff_ci  # noqa: E402
+
+KEYS = ("task", "conversation_id", "turn_index", "cluster", "outcome")
+
+
+def compare(path_a: str, path_b: str, n_boot: int = 1000) -> dict[str, Any]:
+    import polars as pl
+
+    a, b = pl.read_parquet(path_a), pl.read_parquet(path_b)
+    if a.height != b.height or not a.select(KEYS).equals(b.select(KEYS)):
+        raise ValueError(f"{path_b} does not score the rows of {path_a} in the same order "
+                         f"({b.height} rows against {a.height}; compared on {', '.join(KEYS)}): not paired")
+    y, clusters = a["outcome"].to_numpy(), a["cluster"].to_numpy()
+    qa, qb = a["q"].to_numpy(), b["q"].to_numpy()
+    folds = [] if a["fold"].null_count() == a.height else sorted(set(a["fold"].drop_nulls().to_list()))
+    per_fold = []
+    for f in folds:
+        m = (a["fold"] == f).to_numpy()
+        per_fold.append({"fold": f, "rows": int(m.sum()), "auc_a": auc(y[m], qa[m]), "auc_b": auc(y[m], qb[m])})
+    lo, hi = paired_auc_diff_ci(y, qb, qa, clusters, n_boot=n_boot)
+    return {"a": str(path_a), "b": str(path_b), "rows": a.height, "clusters": int(len(set(clusters.tolist()))),
+            "folds": per_fold, "auc_a": auc(y, qa), "auc_b": auc(y, qb), "auc_diff": auc(y, qb) - auc(y, qa),
+            "auc_diff_ci95": [lo, hi]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", help="<out>.rows.parquet of the reference run")
+    ap.add_argument("b", help="<out>.rows.parquet of the run compared with it")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--out", default=None, help="also write the comparison as JSON")
+    args = ap.parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        result = compare(args.a, args.b, args.n_boot)
+    except ValueError as err:
+        ap.error(str(err))  # exit 2
+    table = Table(title="ROC-AUC of Q, run b against run a, paired on the same rows")
+    for col in ("held out", "rows", "a", "b", "b - a"):
+        table.add_column(col, justify="right")
+    for f in result["folds"]:
+        table.add_row(f"fold {f['fold']}", str(f["rows"]), f"{f['auc_a']:.3f}", f"{f['auc_b']:.3f}",
+                      f"{f['auc_b'] - f['auc_a']:+.3f}")
+    lo, hi = result["auc_diff_ci95"]
+    table.add_row("pooled", str(result["rows"]), f"{result['auc_a']:.3f}", f"{result['auc_b']:.3f}",
+                  f"{result['auc_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({result['clusters']} conversations resampled)")
+    Console(width=160).print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
