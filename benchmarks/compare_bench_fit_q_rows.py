@@ -39,9 +39,9 @@ def compare(path_a: str, path_b: str, n_boot: int = 1000) -> dict[str, Any]:
         m = (a["fold"] == f).to_numpy()
         per_fold.append({"fold": f, "rows": int(m.sum()), "auc_a": auc(y[m], qa[m]), "auc_b": auc(y[m], qb[m])})
     lo, hi = paired_auc_diff_ci(y, qb, qa, clusters, n_boot=n_boot)
+    auc_a, auc_b = auc(y, qa), auc(y, qb)
     return {"a": str(path_a), "b": str(path_b), "rows": a.height, "clusters": int(len(set(clusters.tolist()))),
-            "folds": per_fold, "auc_a": auc(y, qa), "auc_b": auc(y, qb), "auc_diff": auc(y, qb) - auc(y, qa),
-            "auc_diff_ci95": [lo, hi]}
+            "folds": per_fold, "auc_a": auc_a, "auc_b": auc_b, "auc_diff": auc_b - auc_a, "auc_diff_ci95": [lo, hi]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
