@@ -279,19 +279,25 @@ def paired_auc_diff_ci(y: Any, a: Any, b: Any, clusters: Any = None, n_boot: int
 
 
 class StepTimer:
-    """A TrainerCallback summing the wall time of optimisation steps only."""
+    """A TrainerCallback summing the wall time of optimisation steps only (on a GPU, synchronised at both
+    ends, so a step's queued kernels count in its own time and not in the evaluation's)."""
 
     def __new__(cls):
+        import torch
         from transformers import TrainerCallback
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
         class _Timer(TrainerCallback):
             seconds = 0.0
             _t = 0.0
 
             def on_step_begin(self, args, state, control, **kw):
+                sync()
                 self._t = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
+                sync()
                 self.seconds += time.perf_counter() - self._t
 
         return _Timer()
@@ -420,6 +426,8 @@ def main() -> None:
     ap.add_argument("--throughput-epochs", type=int, default=1)
     ap.add_argument("--lora-top-layers", type=int, default=None, help="fit_q.lora_top_layers (default: every layer)")
     ap.add_argument("--learning-rate", type=float, default=3e-4, help="fit_q.learning_rate's default")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="fit_q.batch_size of every run (8 on CPU, where the learning rates were tuned; more fills a GPU)")
     ap.add_argument("--precision", choices=("measure", "fp32", "bf16"), default="measure",
                     help="measure: the fp32-vs-bf16 runs pick it (step 1); fp32/bf16: skip them (sweeps)")
     ap.add_argument("--tasks", default="dnd,world", help="comma-separated: dnd, world (sweeps may skip the world)")
@@ -453,16 +461,19 @@ def main() -> None:
     params = load_params(args.params, {
         "base_model.name_or_path": args.base_model, "prompt.max_prompt_tokens": args.max_prompt_tokens,
         "returns.validation_fraction": 0.3, "fit_q.epochs": args.epochs, "fit_q.learning_rate": args.learning_rate,
-        "fit_q.batch_size": 8, "fit_q.gradient_accumulation_steps": 1, "fit_q.warmup": 0.1, "fit_q.seed": args.seed,
+        "fit_q.batch_size": args.batch_size, "fit_q.gradient_accumulation_steps": 1, "fit_q.warmup": 0.1, "fit_q.seed": args.seed,
         "fit_q.data_seed": args.seed, "fit_q.lora_top_layers": args.lora_top_layers,
         **({"returns.gamma": args.gamma} if args.gamma is not None else {}),
     })
     base = Path(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     tokenizer = load_tokenizer(base)
     console = Console(width=180)
-    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    # The peak on the device the Trainer trains on (CUDA when there is one), at a size that fills it.
+    device, n = ("cuda", 8192) if torch.cuda.is_available() else ("cpu", 1024)
+    peak = {p: matmul_gflops(dt, n, device=device) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     auto_bf16 = bf16_autocast_pays("auto")  # what fit_q.bf16: auto resolves to on this machine
-    console.print(f"threads {torch.get_num_threads()}, matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
+    console.print(f"{gpu or 'CPU'}, threads {torch.get_num_threads()}, matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
                   f"bf16 {peak['bf16']:.0f} GFLOP/s; fit_q.bf16 auto -> {str(auto_bf16).lower()}; "
                   f"load {os.getloadavg()[0]:.1f}")
 
@@ -545,7 +556,8 @@ def main() -> None:
                    "[{:+.3f}, {:+.3f}]".format(*m["auc_margin_ci95_rows"]), unsel, f"{m['spearman_q_g']:.3f}",
                    f"{m['mse_q_g']:.4f}", f"{m['q_error_p90']:.3f}", runs[name]["kept"])
     console.print(qt)
-    tt = Table(title=f"fit_q training throughput ({torch.get_num_threads()} threads, real tokens over timed optimiser steps)")
+    tt = Table(title=f"fit_q training throughput ({gpu or f'{torch.get_num_threads()} CPU threads'}, batch {args.batch_size}, "
+                     "real tokens over timed optimiser steps)")
     for col in ("run", "precision", "tokens/row", "train tok/s", "MFU 6N", "MFU exec", "matmul peak GFLOP/s", "score tok/s"):
         tt.add_column(col, justify="right")
     for name, r in runs.items():
@@ -565,7 +577,7 @@ def main() -> None:
     console.print(f"total {total:.0f}s, peak RSS {maxrss_gb:.1f} GiB")
 
     out = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
                     "torch": torch.__version__, "loadavg_end": os.getloadavg(), "maxrss_gib": maxrss_gb},
         "args": vars(args), "returns_gamma": params.returns.gamma, "matmul_peak_gflops": peak, "tasks": tasks,
         "runs": {k: {kk: vv for kk, vv in v.items() if kk != "q"} for k, v in runs.items()},

@@ -223,6 +223,8 @@ def build_q_model(
     )
     model.config.pad_token_id = pad_token_id
     model.config.problem_type = "regression"
+    if torch.cuda.is_available():  # the probe's forward passes too, not only the Trainer's steps
+        model.to("cuda")
     # Never the random init: a random head times a last hidden state of norm ~46 (SmolLM2) starts Q at
     # +-1 and the first steps only undo it. Zero (Q = 0 everywhere) or, better, the linear probe.
     # Measured on Deal-or-No-Deal (192 rows, 1 epoch): zero head AUC 0.69 / MSE 0.15, random 0.63 / 0.21.

@@ -323,20 +323,26 @@ def cpu_bf16_matmul_speedup(n: int = 512, seconds: float = 0.15) -> float:
     return matmul_gflops(torch.bfloat16, n, seconds) / matmul_gflops(torch.float32, n, seconds)
 
 
-def matmul_gflops(dtype: "torch.dtype", n: int = 1024, seconds: float = 2.0) -> float:
-    """Mean GFLOP/s of warm ``n x n`` CPU matmuls over ``seconds``, at the current thread count."""
+def matmul_gflops(dtype: "torch.dtype", n: int = 1024, seconds: float = 2.0, device: str = "cpu") -> float:
+    """Mean GFLOP/s of warm ``n x n`` matmuls over ``seconds`` on ``device`` (CPU: at the current thread
+    count; CUDA: synchronised, so queued kernels are not counted as done)."""
     import time
 
     import torch
 
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(2):
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
         a @ b
+    sync()
     reps, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / elapsed / 1e9
+        for _ in range(10 if cuda else 1):  # a GPU product takes ~ms: time batches, not the launch
+            a @ b
+            reps += 1
+        sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
