@@ -84,7 +84,7 @@ def main() -> None:
     tok, model = pi0.tokenizer, pi0.model
     new_tokens, t_plain = 0, 0.0
     for lo in range(0, len(prompts), bs):
-        enc = tok(prompts[lo : lo + bs], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(prompts[lo : lo + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         torch.manual_seed(lo)
         t1 = time.perf_counter()
         with torch.inference_mode():

@@ -65,7 +65,7 @@ def sample_suggestions(policy: Any, states: Sequence[str], batch_size: int, seed
     ids: list[list[int]] = []
     for lo in range(0, len(states), batch_size):
         batch = list(states[lo : lo + batch_size])
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.model.device)
         torch.manual_seed(seed + lo)
         with torch.inference_mode():
             out = policy.model.generate(**enc, max_new_tokens=policy.max_new_tokens, do_sample=policy.temperature > 0,

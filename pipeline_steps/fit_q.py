@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_steps.common.base_model import bf16_autocast_pays
+from pipeline_steps.common.base_model import bf16_autocast_pays, sdpa_without_cudnn
 from pipeline_steps.common.config import ConfigError, FitQParams, Params, load_params
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
 
@@ -353,9 +353,10 @@ def train_q(
     trainer.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; the Trainer scales for accumulation
     # Epoch 0: the initial head (the linear probe). The Trainer only restores saved epochs, so if no epoch
     # beats the start we restore the initial weights ourselves: training never makes Q worse than its init.
-    initial_loss = float(trainer.evaluate()["eval_loss"])
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    result = trainer.train()
+    with sdpa_without_cudnn():  # a new padded length every step: no per-length cuDNN plans
+        initial_loss = float(trainer.evaluate()["eval_loss"])
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        result = trainer.train()
     best = trainer.state.best_metric
     kept_initial = best is None or initial_loss <= best
     if kept_initial:
@@ -534,7 +535,9 @@ def fit_q(
 
     train_ids, val_ids = encoded(train_idx), encoded(val_idx)
     val_order = np.argsort([len(x) for x in val_ids], kind="stable")  # eval batches of similar length
-    model, init = build_q_model(base_path, fq, pad, params.base_model.dtype, (train_ids, g_all[train_idx]), progress)
+    # fp32 weights whatever base_model.dtype (the policies' load dtype): LoRA and head updates of ~1e-3 x lr
+    # vanish in bf16 parameters; mixed precision is fit_q.bf16's autocast, which keeps fp32 master weights.
+    model, init = build_q_model(base_path, fq, pad, "float32", (train_ids, g_all[train_idx]), progress)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 

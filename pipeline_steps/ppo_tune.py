@@ -537,7 +537,8 @@ def sample_responses(model: Any, tokenizer: Any, states: Sequence[str], p: PPOTu
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
     for lo in tqdm(range(0, len(rep), p.eval_batch_size), desc=desc, unit="batch", disable=not progress):
-        enc = tokenizer(rep[lo : lo + p.eval_batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(rep[lo : lo + p.eval_batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         torch.manual_seed(seed + lo)
         with torch.inference_mode():
             gen = model.generate(**enc, do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,

@@ -204,3 +204,27 @@ def test_bf16_auto_is_on_only_where_bf16_matmuls_are_fast(monkeypatch):
     assert load_params(Path(__file__).resolve().parents[1] / "params.yaml").fit_q.bf16 == "auto"
     with pytest.raises(Exception, match="fit_q.bf16"):
         load_params(Path(__file__).resolve().parents[1] / "params.yaml", {"fit_q.bf16": "sometimes"})
+
+
+def test_sdpa_without_cudnn_excludes_only_cudnn_and_only_on_cuda(monkeypatch):
+    """cuDNN attention builds a plan per new sequence length (2.2x slower bf16 training on an H200): on CUDA the
+    context switches it off, leaves the other kernels on and restores everything after; off CUDA it does nothing."""
+    import contextlib
+
+    assert isinstance(bm.sdpa_without_cudnn(), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    assert before[0], "cuDNN attention is on by default"
+    with bm.sdpa_without_cudnn():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == before
+
+
+def test_matmul_gflops_measures_on_the_named_device():
+    """The bench's peak for MFU is measured where training runs; on CPU a 64x64 product gives a finite rate."""
+    rate = bm.matmul_gflops(torch.float32, n=64, seconds=0.05, device="cpu")
+    assert 0 < rate < 1e6

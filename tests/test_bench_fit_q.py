@@ -54,7 +54,8 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_
                 "--learning-rate", "1e-3", "--out", str(out), *extra]
 
     env = {**os.environ, "IPPO_DND_FILE": str(dealornodeal_file), "COLUMNS": "200"}
-    proc = subprocess.run(cmd("dnd", "--gamma", "0.99"), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd("dnd", "--gamma", "0.99", "--batch-size", "4"), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert list(result["tasks"]) == ["dnd_fp32_32"]
@@ -68,7 +69,8 @@ def test_bench_fit_q_sweep_mode_skips_the_precision_runs_and_the_other_task(tmp_
     assert len(g) and np.allclose(k, np.round(k), atol=1e-6) and (g < 1).any()
     assert result["runs"]["dnd_fp32_32"]["bf16"] is False
     assert result["bf16_speedup"] is None and result["recommended_bf16"] is None
-    assert result["args"]["learning_rate"] == 1e-3
+    assert result["args"]["learning_rate"] == 1e-3 and result["args"]["batch_size"] == 4
+    assert result["machine"]["gpu"] is None and "batch 4" in proc.stdout  # the throughput table's title
     # The across-seed summary reads what the bench wrote (one run: no interval yet).
     summary = _summariser().main([str(out), "--out", str(tmp_path / "summary.json")])
     assert summary["runs"] == 1 and summary["auc_margin"]["ci95"] is None
@@ -259,3 +261,20 @@ def test_paired_comparison_of_two_runs_on_the_same_rows(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_bench_fit_q_rows.py"), str(a),
                            str(shuffled), "--out", str(tmp_path / "bad.json")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not paired" in proc.stderr and not (tmp_path / "bad.json").exists()
+
+
+def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):
+    """The GPU attention-kernel bench runs anywhere with --device cpu (a smoke run) and saves each case's speed."""
+    out = tmp_path / "attention.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_attention_backends.py"), "--device", "cpu", "--layers", "1",
+           "--steps", "1", "--batch-size", "2", "--min-len", "8", "--max-len", "12", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["precision"], r["attention"]) for r in rows] == [
+        ("fp32", "default"), ("bf16 autocast", "default"), ("bf16 autocast", "default"),
+        ("bf16 autocast", "no cuDNN"), ("fp32", "no cuDNN")]
+    assert all(r["tokens_per_second"] > 0 for r in rows) and "vs fp32 default" in proc.stdout
+    if not __import__("torch").cuda.is_available():
+        refused = subprocess.run(cmd[:2] + ["--layers", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "no CUDA device" in refused.stderr

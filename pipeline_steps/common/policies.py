@@ -105,11 +105,13 @@ class LLMPolicy:
         """Batched sampling of one response per prompt (left padding); returns the decoded new text."""
         import torch
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        from pipeline_steps.common.base_model import sdpa_without_cudnn
+
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         torch.manual_seed(seed)
         do_sample = self.temperature > 0
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_without_cudnn():
             out = self.model.generate(
                 **enc,
                 max_new_tokens=self.max_new_tokens,
@@ -315,7 +317,7 @@ def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], respons
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float() / temperature
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu() / temperature
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         for i, (x, st) in enumerate(zip(seqs, starts)):
             out.append(logp[i, st - 1 : len(x) - 1].numpy().astype(np.float64))

@@ -141,12 +141,14 @@ def _batched(fn: Any, model: Any, seqs: Sequence[Sequence[int]], pad_token_id: i
     import torch
     from tqdm.auto import tqdm
 
+    from pipeline_steps.common.base_model import sdpa_without_cudnn
+
     order = np.argsort([len(s) for s in seqs], kind="stable")
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(seqs), desc=desc, unit="row", disable=not progress) as bar:
+        with torch.inference_mode(), sdpa_without_cudnn(), tqdm(total=len(seqs), desc=desc, unit="row", disable=not progress) as bar:
             device = next(model.parameters()).device
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]
