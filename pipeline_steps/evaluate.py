@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline_steps.common.ab_stats import ab_test
+from pipeline_steps.common.base_model import sdpa_without_cudnn
 from pipeline_steps.common.config import ConfigError, Params, load_params
 from pipeline_steps.common.policies import kl_per_token
 from pipeline_steps.common.stats import paired_bootstrap
@@ -67,7 +68,7 @@ def sample_suggestions(policy: Any, states: Sequence[str], batch_size: int, seed
         batch = list(states[lo : lo + batch_size])
         enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.model.device)
         torch.manual_seed(seed + lo)
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_without_cudnn():
             out = policy.model.generate(**enc, max_new_tokens=policy.max_new_tokens, do_sample=policy.temperature > 0,
                                         temperature=policy.temperature or None, top_p=policy.top_p, top_k=None,
                                         repetition_penalty=policy.repetition_penalty, pad_token_id=tok.pad_token_id)

@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from pipeline_steps.common.base_model import sdpa_without_cudnn
 from pipeline_steps.common.config import ConfigError, Params, PPOTuneParams, load_params
 from pipeline_steps.common.policies import response_logprobs
 from pipeline_steps.common.stats import paired_bootstrap
@@ -456,7 +457,8 @@ def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path
             eval_dataset=Dataset.from_dict({"input_ids": heldout_ids}), callbacks=[callback], peft_config=lora_config(p),
         )
         _quiet(trainer, progress)
-        trainer.train()
+        with sdpa_without_cudnn():  # rollouts and updates: a new sequence length every batch
+            trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model).policy
 
 
@@ -494,7 +496,8 @@ def train_rloo_grpo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, 
                       train_dataset=Dataset.from_dict({"prompt": train_prompts}), processing_class=tokenizer,
                       callbacks=[callback], peft_config=lora_config(p))
     _quiet(trainer, progress)
-    trainer.train()
+    with sdpa_without_cudnn():
+        trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
@@ -540,7 +543,7 @@ def sample_responses(model: Any, tokenizer: Any, states: Sequence[str], p: PPOTu
         enc = tokenizer(rep[lo : lo + p.eval_batch_size], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
         torch.manual_seed(seed + lo)
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_without_cudnn():
             gen = model.generate(**enc, do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=p.response_length, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id)
