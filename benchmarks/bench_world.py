@@ -36,6 +36,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from pipeline_steps.common.base_model import sdpa_without_cudnn
     from pipeline_steps.common.config import load_params
     from pipeline_steps.common.policies import load_policy
     from pipeline_steps.common.stats import proportion_ci
@@ -87,7 +88,7 @@ def main() -> None:
         enc = tok(prompts[lo : lo + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         torch.manual_seed(lo)
         t1 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_without_cudnn():  # the kernels collect uses, so only overhead differs
             out = model.generate(**enc, max_new_tokens=params.collect.max_new_tokens, do_sample=True,
                                  temperature=params.collect.temperature, top_p=params.collect.top_p, top_k=None,
                                  pad_token_id=tok.pad_token_id)

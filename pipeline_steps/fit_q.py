@@ -535,8 +535,9 @@ def fit_q(
 
     train_ids, val_ids = encoded(train_idx), encoded(val_idx)
     val_order = np.argsort([len(x) for x in val_ids], kind="stable")  # eval batches of similar length
-    # fp32 weights whatever base_model.dtype (the policies' load dtype): bf16 parameters keep 8 mantissa bits, so
-    # AdamW steps below ~0.4% of a weight are lost; mixed precision is fit_q.bf16's autocast over fp32 weights.
+    # fp32 weights whatever base_model.dtype (the policies' load dtype): peft keeps LoRA in fp32 anyway, but the
+    # fully trained head would be bf16 (8 mantissa bits: steps below ~0.4% of a weight are lost) and the probe's
+    # features pure bf16. Mixed precision is fit_q.bf16's autocast over fp32 weights.
     model, init = build_q_model(base_path, fq, pad, "float32", (train_ids, g_all[train_idx]), progress)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -273,7 +273,7 @@ def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["precision"], r["attention"]) for r in rows] == [
         ("fp32", "default"), ("bf16 autocast", "default"), ("bf16 autocast", "default"),
-        ("bf16 autocast", "no cuDNN"), ("fp32", "no cuDNN")]
+        ("bf16 autocast", "no cuDNN"), ("fp32", "no cuDNN"), ("bf16 autocast", "default, repeat")]
     assert all(r["tokens_per_second"] > 0 for r in rows) and "vs fp32 default" in proc.stdout
     if not __import__("torch").cuda.is_available():
         refused = subprocess.run(cmd[:2] + ["--layers", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -303,11 +303,12 @@ CPU_BF16_MIN_MATMUL_SPEEDUP = 1.5
 def sdpa_without_cudnn():
     """A context in which scaled-dot-product attention may use any CUDA kernel but cuDNN's; a no-op off CUDA.
 
-    cuDNN's attention builds an execution plan for every new sequence length (pytorch/pytorch#155958), and
-    our batches are padded to their longest row, so nearly every training step, scoring batch and decode
-    step has a new length. Measured on an H200 (torch 2.11, SmolLM2-135M + LoRA, batch 32, a new length each
-    step, benchmarks/bench_attention_backends.py): bf16 autocast 8,735 tok/s with cuDNN allowed, 19,291 without
-    (2.2x); fit_q's own bf16 training ran at 0.30x the speed of fp32 before this.
+    cuDNN's attention (bf16/fp16 only) builds an execution plan for every new sequence length (see
+    pytorch/pytorch#155958), and our batches are padded to their longest row, so nearly every training step,
+    scoring batch and decode step has a new length. Measured on an H200 (torch 2.11, SmolLM2-135M + LoRA,
+    batch 32, a new length each step): bf16 autocast 8,735 tok/s with cuDNN allowed on first sight of the
+    lengths and 12,314 on a repeat, 19,291 without it (1.6-2.2x); fit_q's bf16 training ran at 0.30x the speed
+    of fp32 before this. The kernels the process already enabled stay as they are (math at the least).
     """
     import contextlib
 
@@ -317,7 +318,10 @@ def sdpa_without_cudnn():
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    on = [b for b, enabled in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+                               (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+                               (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if enabled]
+    return sdpa_kernel(on or [SDPBackend.MATH])
 
 
 def bf16_autocast_pays(setting: bool | str) -> bool:
@@ -360,7 +364,7 @@ def matmul_gflops(dtype: "torch.dtype", n: int = 1024, seconds: float = 2.0, dev
         a @ b
     sync()
     reps, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
+    while time.perf_counter() - t0 < seconds:
         for _ in range(10 if cuda else 1):  # a GPU product takes ~ms: time batches, not the launch
             a @ b
             reps += 1

@@ -37,7 +37,8 @@ class BaseModelParams(Section):
     )
     cache_dir: str = Field("models", description="Where converted/derived base models are cached.")
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Weights dtype when loading (bf16 measured: faster on AVX-512 CPUs but changes generations)."
+        "float32", description="Weights dtype when loading the policies (bf16 measured: faster on AVX-512 CPUs but changes generations); "
+        "fit_q trains Q in float32 whatever this says (fit_q.bf16 is its mixed precision)."
     )
     num_threads: int = Field(
         0, ge=0, description="torch CPU threads (0 = torch's default). 1 is faster when other processes share the cores."

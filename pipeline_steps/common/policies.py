@@ -303,6 +303,8 @@ def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], respons
     """Per-token log-probabilities (at ``temperature``) of each response given its state; right-padded batches."""
     import torch
 
+    from pipeline_steps.common.base_model import sdpa_without_cudnn
+
     out: list[np.ndarray] = []
     for lo in range(0, len(states), batch_size):
         seqs, starts = [], []
@@ -316,9 +318,11 @@ def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], respons
         for i, x in enumerate(seqs):
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu() / temperature
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        with torch.inference_mode(), sdpa_without_cudnn():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float() / temperature
+            # on the model's device: only (batch, length) log-probs travel, not the vocabulary's logits
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
         for i, (x, st) in enumerate(zip(seqs, starts)):
             out.append(logp[i, st - 1 : len(x) - 1].numpy().astype(np.float64))
     return out

@@ -193,6 +193,8 @@ def load_scorer(path: str | Path, dtype: str = "float32", base_model: str | Path
         tok_path = path
     tokenizer = load_tokenizer(tok_path)
     _classifier(model).config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available():  # every scorer reads the model's device (score, reward functions, best-of-n)
+        model.to("cuda")
     return model.eval(), tokenizer
 
 

@@ -196,7 +196,8 @@ STEPS_SPEC: tuple[Step, ...] = (
               "pipeline_steps/common/q_input.py", "pipeline_steps/common/contract.py", "pipeline_steps/common/config.py",
               "pipeline_steps/common/parquet_io.py", "pipeline_steps/common/tracking.py",
               "pipeline_steps/common/base_model.py", "pipeline_steps/world/simulator.py", "pipeline_steps/world/verticals"),
-        params=(section("fit_q"), *BASE_MODEL_KEYS, "prompt.max_prompt_tokens", "prompt.version", "world.vertical"),
+        # not base_model.dtype: fit_q trains Q in fp32 whatever the policies' load dtype
+        params=(section("fit_q"), *BASE_MODEL_KEYS[:2], "prompt.max_prompt_tokens", "prompt.version", "world.vertical"),
         plots=(
             ("plots/fit_q/learning_curve.csv", {"cache": False, "x": "epoch", "y": "eval_loss",
                                                 "title": "fit_q: validation MSE per epoch"}),
