@@ -425,6 +425,7 @@ def fill_rollout_batch(prompts: list[Any], batch: int) -> list[Any]:
 def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path: str | Path, train_prompts: list[str],
               heldout_prompts: list[str], work_dir: Path, callback: Any, progress: bool) -> Any:
     """TRL's PPOTrainer on the prompts; returns the trained policy (a PeftModel)."""
+    import torch
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -443,7 +444,9 @@ def train_ppo(p: PPOTuneParams, policy: Any, tokenizer: Any, scorer: Any, q_path
         whiten_rewards=p.whiten_rewards, num_sample_generations=0,
     )
     transformers.set_seed(p.seed)  # LoRA init happens inside the constructor, before TRL seeds anything
-    value_model = AutoModelForSequenceClassification.from_pretrained(str(q_path), num_labels=1, dtype=policy.dtype)
+    # fp32 whatever the policy's dtype: the value model is trained in full (not LoRA), and AdamW steps on bf16
+    # weights below ~0.4% of a weight are lost; ppo_tune.bf16 (autocast) is the mixed-precision switch, as in fit_q.
+    value_model = AutoModelForSequenceClassification.from_pretrained(str(q_path), num_labels=1, dtype=torch.float32)
     if p.gradient_checkpointing:
         # PPOConfig takes the flag but TRL's PPO loop never enables it: switch it on for both trained models.
         for model in (policy, value_model):
