@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_steps.common.base_model import bf16_autocast_pays, sdpa_without_cudnn
+from pipeline_steps.common.base_model import bf16_autocast_pays, sdpa_without_cudnn, to_gpu_if_any
 from pipeline_steps.common.config import ConfigError, FitQParams, Params, load_params
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
 
@@ -204,7 +204,6 @@ def build_q_model(
     base_path: str | Path,
     fq: FitQParams,
     pad_token_id: int,
-    dtype: str = "float32",
     probe: tuple[Sequence[list[int]], np.ndarray] | None = None,
     progress: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
@@ -212,6 +211,10 @@ def build_q_model(
 
     The head starts as a linear probe fitted on ``probe`` = (encoded train rows, their G) when
     ``fit_q.probe_init_rows`` > 0, else at zero. Returns the PEFT model and facts about the init.
+
+    Weights are fp32 whatever ``base_model.dtype`` (the policies' load dtype): peft keeps LoRA in fp32 anyway, but
+    the fully trained head would be bf16 (8 mantissa bits: steps below ~0.4% of a weight are lost) and the probe's
+    features pure bf16. Mixed precision is ``fit_q.bf16``'s autocast over fp32 weights.
     """
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -219,12 +222,11 @@ def build_q_model(
 
     set_seed(fq.seed)  # LoRA's initialisation
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(base_path), num_labels=1, dtype=getattr(torch, dtype), local_files_only=Path(base_path).is_dir()
+        str(base_path), num_labels=1, dtype=torch.float32, local_files_only=Path(base_path).is_dir()
     )
     model.config.pad_token_id = pad_token_id
     model.config.problem_type = "regression"
-    if torch.cuda.is_available():  # the probe's forward passes too, not only the Trainer's steps
-        model.to("cuda")
+    to_gpu_if_any(model)  # the probe's forward passes too, not only the Trainer's steps
     # Never the random init: a random head times a last hidden state of norm ~46 (SmolLM2) starts Q at
     # +-1 and the first steps only undo it. Zero (Q = 0 everywhere) or, better, the linear probe.
     # Measured on Deal-or-No-Deal (192 rows, 1 epoch): zero head AUC 0.69 / MSE 0.15, random 0.63 / 0.21.
@@ -535,10 +537,7 @@ def fit_q(
 
     train_ids, val_ids = encoded(train_idx), encoded(val_idx)
     val_order = np.argsort([len(x) for x in val_ids], kind="stable")  # eval batches of similar length
-    # fp32 weights whatever base_model.dtype (the policies' load dtype): peft keeps LoRA in fp32 anyway, but the
-    # fully trained head would be bf16 (8 mantissa bits: steps below ~0.4% of a weight are lost) and the probe's
-    # features pure bf16. Mixed precision is fit_q.bf16's autocast over fp32 weights.
-    model, init = build_q_model(base_path, fq, pad, "float32", (train_ids, g_all[train_idx]), progress)
+    model, init = build_q_model(base_path, fq, pad, (train_ids, g_all[train_idx]), progress)  # fp32: see its docstring
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 

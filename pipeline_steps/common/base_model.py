@@ -30,7 +30,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI and the config layer import this module cheaply
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -292,9 +292,15 @@ def load_causal_lm(path: str | Path, dtype: str = "float32") -> "PreTrainedModel
     gen = model.generation_config
     if gen.pad_token_id is None:
         gen.pad_token_id = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
-    if torch.cuda.is_available():  # collect/evaluate generate on the GPU when there is one
-        model.to("cuda")
-    return model.eval()
+    return to_gpu_if_any(model).eval()  # collect/evaluate generate on the GPU when there is one
+
+
+def to_gpu_if_any(model: Any) -> Any:
+    """``model`` moved to CUDA when there is a GPU, else left on the CPU; every caller of a model loaded here
+    sends its inputs to ``model.device``."""
+    import torch
+
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 CPU_BF16_MIN_MATMUL_SPEEDUP = 1.5

@@ -175,7 +175,7 @@ def load_scorer(path: str | Path, dtype: str = "float32", base_model: str | Path
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline_steps.common.base_model import load_tokenizer
+    from pipeline_steps.common.base_model import load_tokenizer, to_gpu_if_any
 
     path = Path(path)
     if not path.is_dir():
@@ -193,9 +193,7 @@ def load_scorer(path: str | Path, dtype: str = "float32", base_model: str | Path
         tok_path = path
     tokenizer = load_tokenizer(tok_path)
     _classifier(model).config.pad_token_id = tokenizer.pad_token_id
-    if torch.cuda.is_available():  # every scorer reads the model's device (score, reward functions, best-of-n)
-        model.to("cuda")
-    return model.eval(), tokenizer
+    return to_gpu_if_any(model).eval(), tokenizer  # scorers read the model's device (score, rewards, best-of-n)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
