@@ -7,7 +7,9 @@ difference of the pooled AUCs with a 95% CI that resamples whole conversations (
 
 Two runs with the same folds, seed and row sample score the same rows, so comparing their Qs row for row
 removes the validation sample's own variation, which two separate CIs would count twice. Runs that did not
-score the same rows in the same order are refused (exit 2): pairing them would be meaningless.
+score the same rows in the same order are refused (exit 2): pairing them would be meaningless. ``--align``
+pairs runs that scored the same rows in another order (another ``--folds``, another precision): both are sorted
+by conversation and turn, the row sets must be equal, and per-fold rows are shown only where the folds agree.
 """
 
 from __future__ import annotations
@@ -22,18 +24,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fit_q import auc, paired_auc_diff_ci  # noqa: E402
 
 KEYS = ("task", "conversation_id", "turn_index", "cluster", "outcome")
+ROW_ID = ("conversation_id", "turn_index")
 
 
-def compare(path_a: str, path_b: str, n_boot: int = 1000) -> dict[str, Any]:
+def _aligned(frame: Any, path: str) -> Any:
+    """The rows sorted by conversation and turn, the task reduced to its data set (``dnd_fp32_cv5`` -> ``dnd``)."""
+    import polars as pl
+
+    if frame.select(ROW_ID).is_duplicated().any():
+        raise ValueError(f"{path}: a (conversation_id, turn_index) occurs twice: rows cannot be aligned")
+    return frame.with_columns(pl.col("task").str.split("_").list.first()).sort(list(ROW_ID))
+
+
+def compare(path_a: str, path_b: str, n_boot: int = 1000, align: bool = False) -> dict[str, Any]:
     import polars as pl
 
     a, b = pl.read_parquet(path_a), pl.read_parquet(path_b)
+    if align:
+        a, b = _aligned(a, path_a), _aligned(b, path_b)
     if a.height != b.height or not a.select(KEYS).equals(b.select(KEYS)):
         raise ValueError(f"{path_b} does not score the rows of {path_a} in the same order "
                          f"({b.height} rows against {a.height}; compared on {', '.join(KEYS)}): not paired")
     y, clusters = a["outcome"].to_numpy(), a["cluster"].to_numpy()
     qa, qb = a["q"].to_numpy(), b["q"].to_numpy()
-    folds = [] if a["fold"].null_count() == a.height else sorted(set(a["fold"].drop_nulls().to_list()))
+    same_folds = a["fold"].equals(b["fold"])
+    folds = [] if a["fold"].null_count() == a.height or not same_folds else sorted(set(a["fold"].drop_nulls().to_list()))
     per_fold = []
     for f in folds:
         m = (a["fold"] == f).to_numpy()
@@ -41,7 +56,7 @@ def compare(path_a: str, path_b: str, n_boot: int = 1000) -> dict[str, Any]:
     lo, hi = paired_auc_diff_ci(y, qb, qa, clusters, n_boot=n_boot)
     auc_a, auc_b = auc(y, qa), auc(y, qb)
     return {"a": str(path_a), "b": str(path_b), "rows": a.height, "clusters": int(len(set(clusters.tolist()))),
-            "folds": per_fold, "auc_a": auc_a, "auc_b": auc_b, "auc_diff": auc_b - auc_a, "auc_diff_ci95": [lo, hi]}
+            "aligned": align, "folds": per_fold, "auc_a": auc_a, "auc_b": auc_b, "auc_diff": auc_b - auc_a, "auc_diff_ci95": [lo, hi]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -49,13 +64,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("a", help="<out>.rows.parquet of the reference run")
     ap.add_argument("b", help="<out>.rows.parquet of the run compared with it")
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--align", action="store_true",
+                    help="pair runs that scored the same rows in another order (e.g. another --folds)")
     ap.add_argument("--out", default=None, help="also write the comparison as JSON")
     args = ap.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
     try:
-        result = compare(args.a, args.b, args.n_boot)
+        result = compare(args.a, args.b, args.n_boot, align=args.align)
     except ValueError as err:
         ap.error(str(err))  # exit 2
     table = Table(title="ROC-AUC of Q, run b against run a, paired on the same rows")

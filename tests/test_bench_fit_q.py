@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -203,7 +205,6 @@ def test_seed_summary_is_the_mean_margin_with_a_t_interval(tmp_path):
     """Three seeds' margins +0.06, +0.04, +0.05: mean +0.05, t interval 0.05 -+ t(0.975, 2) * 0.01 / sqrt(3)."""
     import math
 
-    import pytest
 
     mod = _summariser()
     files = []
@@ -261,6 +262,17 @@ def test_paired_comparison_of_two_runs_on_the_same_rows(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_bench_fit_q_rows.py"), str(a),
                            str(shuffled), "--out", str(tmp_path / "bad.json")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not paired" in proc.stderr and not (tmp_path / "bad.json").exists()
+
+    # --align pairs the same rows in another order (another --folds): b's per-row Qs, the folds not compared
+    other = rows.with_columns(q=pl.Series(np.where(fold == 1, q + rng.normal(0, 2, conv.size), q)), fold=conv % 3,
+                              task=pl.lit("dnd_fp32_cv3")).sample(fraction=1.0, shuffle=True, seed=2)
+    other.write_parquet(shuffled)
+    aligned = mod.compare(str(a), str(shuffled), align=True)
+    assert aligned["aligned"] and aligned["folds"] == [] and aligned["rows"] == 240
+    assert aligned["auc_a"] == result["auc_a"] and aligned["auc_diff"] < 0
+    rows.head(200).write_parquet(shuffled)  # a different row set is still refused
+    with pytest.raises(ValueError, match="not paired"):
+        mod.compare(str(a), str(shuffled), align=True)
 
 
 def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):
