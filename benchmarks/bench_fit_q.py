@@ -82,15 +82,44 @@ STRATEGIES = ("expert", "friendly_generic", "premature_pitch", "random")
 # ------------------------------------------------------------------------------------------------
 
 
-def dnd_returns(params: Any, tokenizer: Any, val_fraction: float) -> Any:
-    """Deal-or-No-Deal returns rows (ingest adapter + returns code), re-split by dialogue."""
+DND_ITEMS = ("book", "hat", "ball")
+
+
+def dnd_input_sentence(you_input: str) -> str:
+    """YOU's ``<input>`` (count and value to YOU of each item type) as a sentence: ``1 6 3 0 2 2`` ->
+    ``YOU's items: 1 book worth 6 each to YOU, 3 hats worth 0 each to YOU, 2 balls worth 2 each to YOU.``"""
+    n = [int(x) for x in you_input.split()]
+    if len(n) != 6:
+        raise ValueError(f"Deal-or-No-Deal <input> {you_input!r}: expected 6 numbers (count, value) x 3 items")
+    return "YOU's items: " + ", ".join(f"{c} {item}{'' if c == 1 else 's'} worth {v} each to YOU"
+                                       for item, c, v in zip(DND_ITEMS, n[0::2], n[1::2])) + "."
+
+
+def dnd_returns(params: Any, tokenizer: Any, val_fraction: float, with_input: bool = False) -> Any:
+    """Deal-or-No-Deal returns rows (ingest adapter + returns code), re-split by dialogue.
+
+    ``with_input``: each conversation's system prompt also states YOU's items and their values to YOU (the
+    ``<input>`` a negotiator sees, as a business agent sees its customer's account), for Q and the baselines alike.
+    """
     import polars as pl
+    import pyarrow as pa
 
     from pipeline_steps import ingest, returns
     from pipeline_steps.common.config import IngestParams
 
     canon, _, _ = ingest.ingest(DND_FILE, IngestParams(format="dealornodeal"))
-    table = returns.build_returns(pl.from_arrow(canon), params, tokenizer, DND_SYSTEM_PROMPT)
+    turns = pl.from_arrow(canon)
+    if with_input:
+        you_input = {cid: json.loads(b)["you_input"] for cid, b in
+                     turns.select("conversation_id", "behaviour").unique("conversation_id").iter_rows()}
+        by_prompt: dict[str, list[str]] = {}
+        for cid, inp in you_input.items():
+            by_prompt.setdefault(f"{DND_SYSTEM_PROMPT} {dnd_input_sentence(inp)}", []).append(cid)
+        parts = [returns.build_returns(turns.filter(pl.col("conversation_id").is_in(cids)), params, tokenizer, prompt)
+                 for prompt, cids in sorted(by_prompt.items())]
+        table = pa.concat_tables(parts).sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
+    else:
+        table = returns.build_returns(turns, params, tokenizer, DND_SYSTEM_PROMPT)
     # One key per dialogue: its messages without the adapter's placeholders, order-free, so the copy of a
     # dialogue seen from THEM's side gets the same key.
     skip = {ingest.DND_OPENING, ingest.DND_SELECTION, None}
@@ -415,6 +444,8 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=256, help="state budget for both tasks (CPU time)")
     ap.add_argument("--dnd-train-rows", type=int, default=160)
     ap.add_argument("--dnd-val-rows", type=int, default=128)
+    ap.add_argument("--dnd-state", choices=("dialogue", "dialogue+input"), default="dialogue",
+                    help="Deal-or-No-Deal state: the dialogue, or also YOU's items and values in the system prompt")
     ap.add_argument("--world-per-strategy", type=int, default=40, help="conversations per scripted strategy")
     ap.add_argument("--world-logs", default=None,
                     help="conversation logs of the world to use instead of the scripted mix, e.g. the folder "
@@ -483,7 +514,8 @@ def main() -> None:
     runs: dict[str, Any] = {}
     preds: list[Any] = []
     if "dnd" in wanted or args.precision == "measure":  # the precision runs are on Deal-or-No-Deal rows
-        dnd, dnd_info = dnd_returns(params, tokenizer, 0.3)
+        dnd, dnd_info = dnd_returns(params, tokenizer, 0.3, with_input=args.dnd_state == "dialogue+input")
+        dnd_info["state"] = args.dnd_state
 
     # 1. Precision: fp32 against bf16 autocast on the first --throughput-rows train rows (same rows, seed, budget).
     speedup = quality_cost = fp32 = bf16_run = None

@@ -172,6 +172,17 @@ def test_folds_follow_the_conversation_not_the_row_order():
     assert counts.min() > 330 and counts.max() < 470  # ~400 conversations each
 
 
+def test_dnd_input_becomes_a_sentence_of_yous_items_and_values():
+    """--dnd-state dialogue+input: the <input> numbers (count, value) x (book, hat, ball) in words; bad input named."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_fit_q import dnd_input_sentence
+
+    assert dnd_input_sentence("1 6 3 0 2 2") == (
+        "YOU's items: 1 book worth 6 each to YOU, 3 hats worth 0 each to YOU, 2 balls worth 2 each to YOU.")
+    with pytest.raises(ValueError, match="'1 6 3': expected 6 numbers"):
+        dnd_input_sentence("1 6 3")
+
+
 def test_auc_ci_resamples_whole_conversations():
     """Copying every conversation's rows 6 times adds no evidence: the conversation bootstrap keeps the CI's
     width, the row bootstrap (earlier runs) shrinks it by about sqrt(6)."""
