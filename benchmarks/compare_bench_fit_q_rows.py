@@ -36,10 +36,16 @@ def _aligned(frame: Any, path: str) -> Any:
     return frame.with_columns(pl.col("task").str.split("_").list.first()).sort(list(ROW_ID))
 
 
-def compare(path_a: str, path_b: str, n_boot: int = 1000, align: bool = False) -> dict[str, Any]:
+def compare(path_a: str, path_b: str, n_boot: int = 1000, align: bool = False, task_a: str | None = None,
+            task_b: str | None = None) -> dict[str, Any]:
     import polars as pl
 
     a, b = pl.read_parquet(path_a), pl.read_parquet(path_b)
+    for frame, task, path in ((a, task_a, path_a), (b, task_b, path_b)):
+        if task is not None and task not in frame["task"].unique().to_list():
+            raise ValueError(f"{path}: no task {task!r} (has {', '.join(sorted(frame['task'].unique().to_list()))})")
+    a = a if task_a is None else a.filter(pl.col("task") == task_a)
+    b = b if task_b is None else b.filter(pl.col("task") == task_b)
     if align:
         a, b = _aligned(a, path_a), _aligned(b, path_b)
     if a.height != b.height or not a.select(KEYS).equals(b.select(KEYS)):
@@ -47,15 +53,16 @@ def compare(path_a: str, path_b: str, n_boot: int = 1000, align: bool = False) -
                          f"({b.height} rows against {a.height}; compared on {', '.join(KEYS)}): not paired")
     y, clusters = a["outcome"].to_numpy(), a["cluster"].to_numpy()
     qa, qb = a["q"].to_numpy(), b["q"].to_numpy()
-    same_folds = a["fold"].equals(b["fold"])
-    folds = [] if a["fold"].null_count() == a.height or not same_folds else sorted(set(a["fold"].drop_nulls().to_list()))
+    # per fold only where both runs have the same folds (a single-split run's rows have none, or no column)
+    same_folds = "fold" in a.columns and "fold" in b.columns and a["fold"].equals(b["fold"])
+    folds = [] if not same_folds or a["fold"].null_count() == a.height else sorted(set(a["fold"].drop_nulls().to_list()))
     per_fold = []
     for f in folds:
         m = (a["fold"] == f).to_numpy()
         per_fold.append({"fold": f, "rows": int(m.sum()), "auc_a": auc(y[m], qa[m]), "auc_b": auc(y[m], qb[m])})
     lo, hi = paired_auc_diff_ci(y, qb, qa, clusters, n_boot=n_boot)
     auc_a, auc_b = auc(y, qa), auc(y, qb)
-    return {"a": str(path_a), "b": str(path_b), "rows": a.height, "clusters": int(len(set(clusters.tolist()))),
+    return {"a": str(path_a), "b": str(path_b), "task_a": task_a, "task_b": task_b, "rows": a.height, "clusters": int(len(set(clusters.tolist()))),
             "aligned": align, "folds": per_fold, "auc_a": auc_a, "auc_b": auc_b, "auc_diff": auc_b - auc_a, "auc_diff_ci95": [lo, hi]}
 
 
@@ -66,13 +73,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--align", action="store_true",
                     help="pair runs that scored the same rows in another order (e.g. another --folds)")
+    ap.add_argument("--task-a", default=None, help="only this task's rows of a (a file with several runs)")
+    ap.add_argument("--task-b", default=None, help="only this task's rows of b")
     ap.add_argument("--out", default=None, help="also write the comparison as JSON")
     args = ap.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
     try:
-        result = compare(args.a, args.b, args.n_boot, align=args.align)
+        result = compare(args.a, args.b, args.n_boot, align=args.align, task_a=args.task_a, task_b=args.task_b)
     except ValueError as err:
         ap.error(str(err))  # exit 2
     table = Table(title="ROC-AUC of Q, run b against run a, paired on the same rows")

@@ -281,6 +281,13 @@ def test_paired_comparison_of_two_runs_on_the_same_rows(tmp_path):
     aligned = mod.compare(str(a), str(shuffled), align=True)
     assert aligned["aligned"] and aligned["folds"] == [] and aligned["rows"] == 240
     assert aligned["auc_a"] == result["auc_a"] and aligned["auc_diff"] < 0
+    other.drop("fold").write_parquet(shuffled)  # a single-split run's rows file has no fold column
+    assert mod.compare(str(a), str(shuffled), align=True)["auc_diff"] == aligned["auc_diff"]
+    pl.concat([other.drop("fold"), rows.with_columns(task=pl.lit("world_bf16_2"))], how="diagonal").write_parquet(shuffled)
+    picked = mod.compare(str(a), str(shuffled), align=True, task_b="dnd_fp32_cv3")  # one run of a multi-run file
+    assert picked["auc_diff"] == aligned["auc_diff"] and picked["task_b"] == "dnd_fp32_cv3"
+    with pytest.raises(ValueError, match="no task 'chess'"):
+        mod.compare(str(a), str(shuffled), align=True, task_b="chess")
     rows.head(200).write_parquet(shuffled)  # a different row set is still refused
     with pytest.raises(ValueError, match="not paired"):
         mod.compare(str(a), str(shuffled), align=True)
