@@ -62,8 +62,9 @@ def compare(path_a: str, path_b: str, n_boot: int = 1000, align: bool = False, t
         per_fold.append({"fold": f, "rows": int(m.sum()), "auc_a": auc(y[m], qa[m]), "auc_b": auc(y[m], qb[m])})
     lo, hi = paired_auc_diff_ci(y, qb, qa, clusters, n_boot=n_boot)
     auc_a, auc_b = auc(y, qa), auc(y, qb)
-    return {"a": str(path_a), "b": str(path_b), "task_a": task_a, "task_b": task_b, "rows": a.height, "clusters": int(len(set(clusters.tolist()))),
-            "aligned": align, "folds": per_fold, "auc_a": auc_a, "auc_b": auc_b, "auc_diff": auc_b - auc_a, "auc_diff_ci95": [lo, hi]}
+    return {"a": str(path_a), "b": str(path_b), "task_a": task_a, "task_b": task_b, "rows": a.height,
+            "clusters": int(len(set(clusters.tolist()))), "aligned": align, "folds": per_fold, "auc_a": auc_a,
+            "auc_b": auc_b, "auc_diff": auc_b - auc_a, "auc_diff_ci95": [lo, hi]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
