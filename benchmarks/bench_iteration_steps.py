@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline_steps.bench.iterate import BenchError, Runner, bench_config, machine_description, step_command, write_yaml
-from pipeline_steps.common.config import get_dotted, read_yaml
+from pipeline_steps.common.config import flatten_dotted, get_dotted, read_yaml
 from pipeline_steps.common.step_commands import STEPS, TURNS, VALIDATED
 from pipeline_steps.common.tracking import write_json
 
@@ -89,15 +89,6 @@ def driving_budget(data: dict[str, Any], step: str, rows_per_conversation: float
     return total
 
 
-def pick(metrics: dict[str, Any], dotted: str) -> Any:
-    node: Any = metrics
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:
@@ -153,13 +144,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             break
         if step == "fit_q" and metrics.get("rows_train"):
             rows_per_conversation = metrics["rows_train"] / float(get_dotted(data, "collect.conversations"))
+        flat = flatten_dotted(metrics)
         budget = driving_budget(data, step, rows_per_conversation)
         budget_full = driving_budget(full, step, rows_per_conversation)
         rows.append({
             "step": step, "seconds": rec["seconds"], "peak_rss_gb": (rec.get("result") or {}).get("peak_rss_gb"),
             "budget": budget, "profile_budget": budget_full,
             "projected_seconds": rec["seconds"] * budget_full / budget if budget > 0 else None,
-            "headline": {k: pick(metrics, k) for k in HEADLINES.get(step, ())},
+            "headline": {k: flat.get(k) for k in HEADLINES.get(step, ())},
         })
     projected = [r["projected_seconds"] for r in rows]
     result = {
