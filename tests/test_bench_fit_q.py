@@ -293,6 +293,51 @@ def test_paired_comparison_of_two_runs_on_the_same_rows(tmp_path):
         mod.compare(str(a), str(shuffled), align=True)
 
 
+def test_ensemble_of_cross_fitted_runs_averages_q_and_the_baselines(tmp_path):
+    """Three runs whose Qs are the signal plus independent noise: their mean ranks the outcome better than any one
+    and the baselines are averaged alike; shuffled rows are aligned, a row set or a run without folds is refused."""
+    import numpy as np
+    import polars as pl
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ensemble_bench_fit_q_rows as mod
+
+    rng = np.random.default_rng(0)
+    conv = np.repeat(np.arange(80), 4)
+    y = np.repeat(rng.integers(0, 2, 80), 4)
+    base = pl.DataFrame({"task": ["dnd_bf16_cv3"] * conv.size, "row": np.arange(conv.size),
+                         "conversation_id": [f"c{c}" for c in conv], "cluster": [f"k{c}" for c in conv],
+                         "turn_index": np.tile(np.arange(4), 80), "outcome": y, "G": y * 0.9, "fold": conv % 3})
+    paths = []
+    for k in range(3):
+        run = base.with_columns(q=pl.Series(y + rng.normal(0, 1.2, conv.size)),
+                                tfidf_lr=pl.Series(y + rng.normal(0, 2.0, conv.size) + k),
+                                turn_rate=pl.Series(rng.uniform(0, 1, conv.size)))
+        paths.append(tmp_path / f"run{k}.rows.parquet")
+        run.sample(fraction=1.0, shuffle=True, seed=k).write_parquet(paths[-1])  # each run its own row order
+    result = mod.main([str(p) for p in paths] + ["--n-boot", "300", "--out", str(tmp_path / "ens.json")])
+    singles = [r["auc_q"] for r in result["runs"]]
+    assert result["rows"] == 320 and result["clusters"] == 80 and len(singles) == 3
+    assert result["auc_q_ensemble"] > max(singles)
+    assert result["q_ensemble_minus_best_single_q"] == pytest.approx(result["auc_q_ensemble"] - max(singles))
+    assert result["best_baseline"] == "tfidf_lr"
+    assert result["auc_baselines_ensemble"]["tfidf_lr"] > max(r["auc_tfidf_lr"] for r in result["runs"])
+    lo, hi = result["q_ensemble_minus_best_baseline_ci95"]
+    assert lo <= result["q_ensemble_minus_best_baseline"] <= hi
+    assert json.loads((tmp_path / "ens.json").read_text())["auc_q_ensemble"] == result["auc_q_ensemble"]
+
+    bad = tmp_path / "bad.rows.parquet"
+    pl.read_parquet(paths[0]).head(300).write_parquet(bad)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ensemble_bench_fit_q_rows.py"), str(paths[0]),
+                           str(bad), "--out", str(tmp_path / "no.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no ensemble" in proc.stderr and not (tmp_path / "no.json").exists()
+    pl.read_parquet(paths[1]).drop("fold").write_parquet(bad)  # a single-split run: its Q saw other runs' held-out rows
+    with pytest.raises(ValueError, match="not cross-fitted"):
+        mod.ensemble([str(paths[0]), str(bad)])
+    with pytest.raises(ValueError, match="at least two"):
+        mod.ensemble([str(paths[0])])
+
+
 def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):
     """The GPU attention-kernel bench runs anywhere with --device cpu (a smoke run) and saves each case's speed."""
     out = tmp_path / "attention.json"
