@@ -101,8 +101,12 @@ class LLMPolicy:
         sps = system_prompts or [self.system_prompt] * len(histories)
         return [render_state(h, self.tokenizer, sp, self.max_prompt_tokens) for h, sp in zip(histories, sps)]
 
-    def generate(self, prompts: list[str], seed: int) -> list[str]:
-        """Batched sampling of one response per prompt (left padding); returns the decoded new text."""
+    def generate(self, prompts: list[str], seed: int, **generate_overrides: Any) -> list[str]:
+        """Batched sampling of one response per prompt (left padding); returns the decoded new text.
+
+        ``generate_overrides`` go to ``model.generate`` over the policy's settings (e.g. ``cache_implementation``):
+        benchmarks/bench_generation.py times the variants on the prompts collect hands to this method.
+        """
         import torch
 
         from pipeline_steps.common.base_model import sdpa_without_cudnn
@@ -110,18 +114,18 @@ class LLMPolicy:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         torch.manual_seed(seed)
         do_sample = self.temperature > 0
+        settings = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": self.temperature if do_sample else None,
+            "top_p": self.top_p if do_sample else None,
+            "top_k": None,
+            "repetition_penalty": self.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
         t0 = time.perf_counter()
         with torch.inference_mode(), sdpa_without_cudnn():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=do_sample,
-                temperature=self.temperature if do_sample else None,
-                top_p=self.top_p if do_sample else None,
-                top_k=None,
-                repetition_penalty=self.repetition_penalty,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            out = self.model.generate(**enc, **{**settings, **generate_overrides})
         self.stats.generate_seconds += time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :]
         eos = self.tokenizer.eos_token_id

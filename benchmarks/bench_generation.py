@@ -1,0 +1,173 @@
+"""Where pi_0's generation time goes, and what the obvious levers buy, on this machine (CPU or GPU).
+
+    .venv/bin/python benchmarks/bench_generation.py --threads 2 --conversations 48 --batch-sizes 16,48 \
+        --out benchmarks/results/bench_generation_cpu.json
+
+1. **Batch size in the world.** pi_0 (``collect``'s policy path: render, generate, clean up, world) meets the
+   same seeded customers once per ``--batch-sizes`` entry: wall time, generation time, new tokens/s,
+   generate calls, conversion. The first entry is the baseline (params.yaml's ``collect.batch_size`` by
+   default); each row's ratio is its tokens/s over the baseline's, in the same run.
+2. **One generate call, taken apart.** The prompts of the heaviest call of the baseline run (most prompt
+   tokens), generated again through ``LLMPolicy.generate`` with ``model.generate`` overrides: prefill alone
+   (one new token), a static KV cache instead of the dynamic one, a top-k 1,000 pre-filter before top-p, and
+   greedy decoding (no sampler at all): each against the call as collect makes it, best of ``--repeats``.
+   Whether a variant's tokens equal the baseline's is printed too: only identical tokens leave every
+   recorded result (the proof's conversions) reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> model.generate overrides; None marks the baseline (the call exactly as collect makes it)
+CALL_VARIANTS: dict[str, dict[str, Any] | None] = {
+    "as collect calls it": None,
+    "prefill only (1 new token)": {"max_new_tokens": 1},
+    "static KV cache": {"cache_implementation": "static"},
+    "top-k 1,000 before top-p": {"top_k": 1000},
+    "greedy (no sampling)": {"do_sample": False, "temperature": None, "top_p": None},
+}
+
+
+def _world_run(world: Any, policy: Any, conversations: int, seed: int, batch_size: int) -> dict[str, Any]:
+    from pipeline_steps.common.policies import GenerationStats
+    from pipeline_steps.common.stats import proportion_ci
+
+    policy.stats = GenerationStats()
+    t0 = time.perf_counter()
+    convs = world.run(policy, conversations, seed=seed, batch_size=batch_size)
+    wall = time.perf_counter() - t0
+    conversion = proportion_ci(sum(cv.converted for cv in convs), len(convs))
+    return {
+        "batch_size": batch_size, "conversations": len(convs), "turns": sum(len(cv.records) for cv in convs),
+        "generate_calls": policy.stats.calls, "new_tokens": policy.stats.new_tokens,
+        "generate_seconds": policy.stats.generate_seconds, "wall_seconds": wall,
+        "tokens_per_second": policy.stats.tokens_per_second,
+        "conversion": conversion.rate, "conversion_ci95": [conversion.ci_low, conversion.ci_high],
+    }
+
+
+def _time_call(policy: Any, prompts: list[str], seed: int, overrides: dict[str, Any],
+               repeats: int) -> tuple[float, list[str]]:
+    best, texts = float("inf"), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        texts = policy.generate(prompts, seed, **overrides)
+        best = min(best, time.perf_counter() - t0)
+    return best, texts
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--conversations", type=int, default=48, help="per batch size, the same customers each time")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="comma-separated; the first is the baseline (default: collect.batch_size, then 3x it)")
+    ap.add_argument("--repeats", type=int, default=2, help="timings of each call variant; the best is kept")
+    ap.add_argument("--skip-calls", action="store_true", help="only the batch sizes (part 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--out", default="benchmarks/results/bench_generation.json")
+    args = ap.parse_args(argv)
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline_steps.bench.iterate import machine_description
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.policies import load_policy
+    from pipeline_steps.world.simulator import World
+
+    params = load_params(args.params)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
+             else [params.collect.batch_size, 3 * params.collect.batch_size])
+    if not sizes or min(sizes) < 1 or args.conversations < 1 or args.repeats < 1:
+        ap.error("--batch-sizes, --conversations and --repeats must be positive")
+    world = World(params.world)
+    seed = params.world.seed + params.collect.seed  # collect's customers
+    policy = load_policy("pi0", params, world.vertical, seed=seed)
+    if not hasattr(policy, "generate"):
+        ap.error(f"base_model {params.base_model.name_or_path!r} did not load as an LLM policy")
+
+    # part 1; the baseline run also records every call's prompts, for part 2
+    calls: list[tuple[list[str], int]] = []
+    generate = policy.generate
+
+    def recording(prompts: list[str], call_seed: int, **overrides: Any) -> list[str]:
+        calls.append((list(prompts), call_seed))
+        return generate(prompts, call_seed, **overrides)
+
+    runs = []
+    for i, bs in enumerate(sizes):
+        policy.generate = recording if i == 0 else generate
+        runs.append(_world_run(world, policy, args.conversations, seed, bs))
+    policy.generate = generate
+    base_tps = runs[0]["tokens_per_second"]
+    for r in runs:
+        r["tokens_per_second_vs_baseline"] = r["tokens_per_second"] / base_tps if base_tps else None
+
+    result: dict[str, Any] = {
+        "args": vars(args), "machine": machine_description(), "torch_threads": torch.get_num_threads(),
+        "device": str(policy.model.device), "dtype": str(policy.model.dtype),
+        "base_model": params.base_model.name_or_path, "max_new_tokens": policy.max_new_tokens,
+        "batch_sizes": runs, "call": None,
+    }
+
+    console = Console(width=160)
+    table = Table(title=f"pi_0 in the world, {args.conversations} conversations per row, the same customers "
+                        f"({result['machine']}, {result['device']}, {result['dtype']})")
+    for col in ("batch size", "generate calls", "turns", "new tokens", "generate s", "wall s", "tokens/s",
+                f"vs batch {sizes[0]}", "conversion [95% CI]"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        lo, hi = r["conversion_ci95"]
+        table.add_row(str(r["batch_size"]), str(r["generate_calls"]), str(r["turns"]), str(r["new_tokens"]),
+                      f"{r['generate_seconds']:.1f}", f"{r['wall_seconds']:.1f}", f"{r['tokens_per_second']:.1f}",
+                      f"{r['tokens_per_second_vs_baseline']:.2f}x", f"{r['conversion']:.3f} [{lo:.3f}, {hi:.3f}]")
+    console.print(table)
+
+    if not args.skip_calls:
+        tok = policy.tokenizer
+        prompts, call_seed = max(calls, key=lambda c: sum(len(ids) for ids in tok(c[0])["input_ids"]))
+        lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
+        policy.generate(prompts[:1], call_seed, max_new_tokens=2)  # warm-up
+        variants, reference = [], None
+        for name, overrides in CALL_VARIANTS.items():
+            seconds, texts = _time_call(policy, prompts, call_seed, overrides or {}, args.repeats)
+            if overrides is None:
+                reference = (seconds, texts)
+            variants.append({"variant": name, "overrides": overrides or {}, "seconds": seconds,
+                             "vs_collect": reference[0] / seconds if reference else None,
+                             "same_tokens": texts == reference[1] if reference else None})
+        result["call"] = {"rows": len(prompts), "prompt_tokens": sum(lengths), "longest_prompt": max(lengths),
+                          "seed": call_seed, "repeats": args.repeats, "variants": variants,
+                          "prefill_share": variants[1]["seconds"] / variants[0]["seconds"]}
+        table = Table(title=f"one generate call: {len(prompts)} prompts, {sum(lengths)} prompt tokens (longest "
+                            f"{max(lengths)}), up to {policy.max_new_tokens} new tokens; best of {args.repeats}")
+        for col in ("variant", "seconds", "speed vs collect's call", "same tokens as collect's call"):
+            table.add_column(col, justify="right")
+        for v in variants:
+            same = "n/a" if v["variant"].startswith("prefill") else ("yes" if v["same_tokens"] else "no")
+            table.add_row(v["variant"], f"{v['seconds']:.2f}", f"{v['vs_collect']:.2f}x", same)
+        console.print(table)
+        console.print(f"prefill is {result['call']['prefill_share']:.0%} of collect's call: every turn re-reads the "
+                      "whole conversation, the shared system prompt included")
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    console.print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
