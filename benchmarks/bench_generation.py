@@ -11,7 +11,7 @@
    tokens), generated again through ``LLMPolicy.generate`` with ``model.generate`` overrides: prefill alone
    (one new token), a static KV cache instead of the dynamic one, a top-k 1,000 pre-filter before top-p, and
    greedy decoding (no sampler at all): each against the call as collect makes it, best of ``--repeats``.
-   Whether a variant's tokens equal the baseline's is printed too: only identical tokens leave every
+   Whether a variant's decoded text equals the baseline's is printed too: only identical output leaves every
    recorded result (the proof's conversions) reproducible.
 """
 
@@ -28,9 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # name -> model.generate overrides; None marks the baseline (the call exactly as collect makes it)
+PREFILL_ONLY = {"max_new_tokens": 1}
 CALL_VARIANTS: dict[str, dict[str, Any] | None] = {
     "as collect calls it": None,
-    "prefill only (1 new token)": {"max_new_tokens": 1},
+    "prefill only (1 new token)": PREFILL_ONLY,
     "static KV cache": {"cache_implementation": "static"},
     "top-k 1,000 before top-p": {"top_k": 1000},
     "greedy (no sampling)": {"do_sample": False, "temperature": None, "top_p": None},
@@ -83,29 +84,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from pipeline_steps.bench.iterate import machine_description
     from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.contract import HistoryTurn
     from pipeline_steps.common.policies import load_policy
     from pipeline_steps.world.simulator import World
 
     params = load_params(args.params)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
-             else [params.collect.batch_size, 3 * params.collect.batch_size])
+    try:
+        sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
+                 else [params.collect.batch_size, 3 * params.collect.batch_size])
+    except ValueError:
+        ap.error(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
     if not sizes or min(sizes) < 1 or args.conversations < 1 or args.repeats < 1:
         ap.error("--batch-sizes, --conversations and --repeats must be positive")
     world = World(params.world)
     seed = params.world.seed + params.collect.seed  # collect's customers
     policy = load_policy("pi0", params, world.vertical, seed=seed)
-    if not hasattr(policy, "generate"):
-        ap.error(f"base_model {params.base_model.name_or_path!r} did not load as an LLM policy")
+    if args.threads:  # after load_policy, which applies base_model.num_threads
+        torch.set_num_threads(args.threads)
+    # first-call costs (allocator growth; on a GPU, CUDA and kernel selection) must not land on the baseline
+    policy.generate(policy.prompts([[HistoryTurn("Hello, we want a new kitchen. What would it cost?")]]), seed,
+                    max_new_tokens=2)
 
     # part 1; the baseline run also records every call's prompts, for part 2
-    calls: list[tuple[list[str], int]] = []
+    calls: list[tuple[list[str], int, list[str]]] = []
     generate = policy.generate
 
     def recording(prompts: list[str], call_seed: int, **overrides: Any) -> list[str]:
-        calls.append((list(prompts), call_seed))
-        return generate(prompts, call_seed, **overrides)
+        texts = generate(prompts, call_seed, **overrides)
+        calls.append((list(prompts), call_seed, texts))
+        return texts
 
     runs = []
     for i, bs in enumerate(sizes):
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     policy.generate = generate
     base_tps = runs[0]["tokens_per_second"]
     for r in runs:
-        r["tokens_per_second_vs_baseline"] = r["tokens_per_second"] / base_tps if base_tps else None
+        r["tokens_per_second_vs_baseline"] = r["tokens_per_second"] / base_tps if base_tps else float("nan")
 
     result: dict[str, Any] = {
         "args": vars(args), "machine": machine_description(), "torch_threads": torch.get_num_threads(),
@@ -138,30 +145,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not args.skip_calls:
         tok = policy.tokenizer
-        prompts, call_seed = max(calls, key=lambda c: sum(len(ids) for ids in tok(c[0])["input_ids"]))
+        prompts, call_seed, in_world = max(calls, key=lambda c: sum(len(ids) for ids in tok(c[0])["input_ids"]))
         lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
-        policy.generate(prompts[:1], call_seed, max_new_tokens=2)  # warm-up
         variants, reference = [], None
         for name, overrides in CALL_VARIANTS.items():
             seconds, texts = _time_call(policy, prompts, call_seed, overrides or {}, args.repeats)
             if overrides is None:
                 reference = (seconds, texts)
             variants.append({"variant": name, "overrides": overrides or {}, "seconds": seconds,
-                             "vs_collect": reference[0] / seconds if reference else None,
-                             "same_tokens": texts == reference[1] if reference else None})
+                             "vs_collect": reference[0] / seconds,
+                             "same_text": None if overrides == PREFILL_ONLY else texts == reference[1]})
+        prefill = next(v for v in variants if v["overrides"] == PREFILL_ONLY)
         result["call"] = {"rows": len(prompts), "prompt_tokens": sum(lengths), "longest_prompt": max(lengths),
                           "seed": call_seed, "repeats": args.repeats, "variants": variants,
-                          "prefill_share": variants[1]["seconds"] / variants[0]["seconds"]}
+                          "baseline_reproduces_the_world_run": reference[1] == in_world,
+                          "prefill_share": prefill["seconds"] / reference[0]}
         table = Table(title=f"one generate call: {len(prompts)} prompts, {sum(lengths)} prompt tokens (longest "
                             f"{max(lengths)}), up to {policy.max_new_tokens} new tokens; best of {args.repeats}")
-        for col in ("variant", "seconds", "speed vs collect's call", "same tokens as collect's call"):
+        for col in ("variant", "seconds", "speed vs collect's call", "same text as collect's call"):
             table.add_column(col, justify="right")
         for v in variants:
-            same = "n/a" if v["variant"].startswith("prefill") else ("yes" if v["same_tokens"] else "no")
+            same = "n/a" if v["same_text"] is None else ("yes" if v["same_text"] else "no")
             table.add_row(v["variant"], f"{v['seconds']:.2f}", f"{v['vs_collect']:.2f}x", same)
         console.print(table)
         console.print(f"prefill is {result['call']['prefill_share']:.0%} of collect's call: every turn re-reads the "
-                      "whole conversation, the shared system prompt included")
+                      "whole conversation, the shared system prompt included; the call re-run gives the text it gave "
+                      f"in the world: {'yes' if result['call']['baseline_reproduces_the_world_run'] else 'NO'}")
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -7,11 +7,14 @@ by more than one Q does?
         benchmarks/results/bench_fit_q_gpu/dnd_cv3_gpu.rows.parquet \
         benchmarks/results/bench_fit_q_gpu/dnd_cv5_gpu.rows.parquet
 
-Every run must have scored every row held out (``--folds``), so the mean of their Qs is itself a held-out score:
-no model saw the row it scores. The baselines are averaged the same way (runs with other folds trained other
-TF-IDF models), so the ensemble of Qs is compared with an ensemble of baselines. The rows are aligned by
-conversation and turn; runs that scored different row sets are refused (exit 2). CIs resample whole
-conversations (the dialogue, on Deal-or-No-Deal), paired on the same rows.
+Every run must have scored every row held out (``--folds``), so the average of their Qs is itself a held-out
+score: no model saw the row it scores. The runs' scores are averaged as ranks (each run's scores turned into
+fractional ranks over the rows), because runs with another ``--gamma`` or loss regress on targets of another
+scale and AUC only reads the order. The baselines are rank-averaged the same way; runs with the same folds and
+seed trained the same baseline models, so that average weighs the distinct ones by how many runs share them.
+The rows are aligned by conversation and turn; runs that scored different row sets, or files holding several
+data sets (``--tasks dnd,world``), are refused (exit 2). CIs resample whole conversations (the dialogue, on
+Deal-or-No-Deal), paired on the same rows.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def ensemble(paths: list[str], n_boot: int = 1000) -> dict[str, Any]:
     if len(paths) < 2:
         raise ValueError("an ensemble needs at least two runs")
     frames = [_aligned(pl.read_parquet(p), p) for p in paths]
+    for frame, path in zip(frames, paths):
+        if frame["task"].n_unique() > 1:
+            raise ValueError(f"{path}: rows of several data sets ({', '.join(sorted(frame['task'].unique()))}): "
+                             "write one task per file")
     ref = frames[0]
     for frame, path in zip(frames[1:], paths[1:]):
         if frame.height != ref.height or not frame.select(KEYS).equals(ref.select(KEYS)):
@@ -45,10 +52,12 @@ def ensemble(paths: list[str], n_boot: int = 1000) -> dict[str, Any]:
         if "fold" not in frame.columns or frame["fold"].null_count():
             raise ValueError(f"{path}: not cross-fitted (a row without a fold): its Q may have trained on rows "
                              "another run holds out, so the mean would not be a held-out score")
+    from scipy.stats import rankdata
+
     y, clusters = ref["outcome"].to_numpy(), ref["cluster"].to_numpy()
     qs = np.stack([f["q"].to_numpy() for f in frames])
-    q_mean = qs.mean(axis=0)
-    baselines = {b: np.stack([f[b].to_numpy() for f in frames]).mean(axis=0) for b in BASELINES}
+    q_mean = rankdata(qs, axis=1).mean(axis=0)
+    baselines = {b: rankdata(np.stack([f[b].to_numpy() for f in frames]), axis=1).mean(axis=0) for b in BASELINES}
     best_name = max(BASELINES, key=lambda b: auc(y, baselines[b]))
     best_single = int(np.argmax([auc(y, q) for q in qs]))
     ci_base = paired_auc_diff_ci(y, q_mean, baselines[best_name], clusters, n_boot=n_boot)
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{r['auc_turn_rate']:.3f}", f"{r['auc_q'] - max(r['auc_tfidf_lr'], r['auc_turn_rate']):+.3f}")
     base = result["auc_baselines_ensemble"]
     lo, hi = result["q_ensemble_minus_best_baseline_ci95"]
-    table.add_row(f"mean of {len(result['runs'])}", "", f"{result['auc_q_ensemble']:.3f}",
+    table.add_row(f"rank mean of {len(result['runs'])}", "", f"{result['auc_q_ensemble']:.3f}",
                   f"{base['tfidf_lr']:.3f}", f"{base['turn_rate']:.3f}",
                   f"{result['q_ensemble_minus_best_baseline']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     Console(width=160).print(table)

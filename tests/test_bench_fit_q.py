@@ -294,8 +294,9 @@ def test_paired_comparison_of_two_runs_on_the_same_rows(tmp_path):
 
 
 def test_ensemble_of_cross_fitted_runs_averages_q_and_the_baselines(tmp_path):
-    """Three runs whose Qs are the signal plus independent noise: their mean ranks the outcome better than any one
-    and the baselines are averaged alike; shuffled rows are aligned, a row set or a run without folds is refused."""
+    """Three runs whose Qs are the signal plus independent noise on different scales: their rank mean ranks the
+    outcome better than any one, the baselines are averaged alike; shuffled rows are aligned; another row set, a
+    run without folds or a file of two data sets is refused."""
     import numpy as np
     import polars as pl
 
@@ -310,7 +311,7 @@ def test_ensemble_of_cross_fitted_runs_averages_q_and_the_baselines(tmp_path):
                          "turn_index": np.tile(np.arange(4), 80), "outcome": y, "G": y * 0.9, "fold": conv % 3})
     paths = []
     for k in range(3):
-        run = base.with_columns(q=pl.Series(y + rng.normal(0, 1.2, conv.size)),
+        run = base.with_columns(q=pl.Series((y + rng.normal(0, 1.2, conv.size)) * 1000.0 ** k),  # scales: ranks
                                 tfidf_lr=pl.Series(y + rng.normal(0, 2.0, conv.size) + k),
                                 turn_rate=pl.Series(rng.uniform(0, 1, conv.size)))
         paths.append(tmp_path / f"run{k}.rows.parquet")
@@ -318,7 +319,7 @@ def test_ensemble_of_cross_fitted_runs_averages_q_and_the_baselines(tmp_path):
     result = mod.main([str(p) for p in paths] + ["--n-boot", "300", "--out", str(tmp_path / "ens.json")])
     singles = [r["auc_q"] for r in result["runs"]]
     assert result["rows"] == 320 and result["clusters"] == 80 and len(singles) == 3
-    assert result["auc_q_ensemble"] > max(singles)
+    assert result["auc_q_ensemble"] > max(singles) + 0.05  # a raw mean would be the 1e6-scaled run alone
     assert result["q_ensemble_minus_best_single_q"] == pytest.approx(result["auc_q_ensemble"] - max(singles))
     assert result["best_baseline"] == "tfidf_lr"
     assert result["auc_baselines_ensemble"]["tfidf_lr"] > max(r["auc_tfidf_lr"] for r in result["runs"])
@@ -336,6 +337,11 @@ def test_ensemble_of_cross_fitted_runs_averages_q_and_the_baselines(tmp_path):
         mod.ensemble([str(paths[0]), str(bad)])
     with pytest.raises(ValueError, match="at least two"):
         mod.ensemble([str(paths[0])])
+    two = pl.read_parquet(paths[1])
+    pl.concat([two, two.with_columns(task=pl.lit("world_bf16_cv3"), conversation_id=pl.lit("w") + pl.col(
+        "conversation_id"))]).write_parquet(bad)
+    with pytest.raises(ValueError, match="several data sets"):
+        mod.ensemble([str(paths[0]), str(bad)])
 
 
 def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):

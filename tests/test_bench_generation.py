@@ -28,21 +28,28 @@ def test_generation_bench_compares_batch_sizes_and_call_variants(tmp_path, tiny_
     small, large = result["batch_sizes"]
     assert (small["batch_size"], large["batch_size"]) == (2, 4)
     assert small["conversations"] == large["conversations"] == 4
-    assert small["tokens_per_second_vs_baseline"] == pytest.approx(1.0)
     ratio = large["tokens_per_second"] / small["tokens_per_second"]
     assert large["tokens_per_second_vs_baseline"] == pytest.approx(ratio)
-    # two groups of two customers take more calls than all four advanced together
-    assert small["generate_calls"] > large["generate_calls"] > 0 and small["new_tokens"] > 0
+    assert small["generate_calls"] > 0 and large["generate_calls"] > 0 and small["new_tokens"] > 0
 
     call = result["call"]
     names = [v["variant"] for v in call["variants"]]
     assert names == list(_bench().CALL_VARIANTS) and call["rows"] >= 1 and call["prompt_tokens"] > 0
-    assert call["variants"][0]["vs_collect"] == pytest.approx(1.0) and call["variants"][0]["same_tokens"]
-    assert call["prefill_share"] == pytest.approx(call["variants"][1]["seconds"] / call["variants"][0]["seconds"])
+    assert call["rows"] <= 2  # the heaviest call of the baseline run (batch size 2)
+    assert call["baseline_reproduces_the_world_run"] is True  # the same prompts and seed as collect's call
+    by_name = {v["variant"]: v for v in call["variants"]}
+    assert by_name["prefill only (1 new token)"]["same_text"] is None
+    assert all(isinstance(v["same_text"], bool) for n, v in by_name.items() if not n.startswith("prefill"))
+    assert by_name["greedy (no sampling)"]["overrides"]["do_sample"] is False
+    assert call["prefill_share"] == pytest.approx(by_name["prefill only (1 new token)"]["seconds"]
+                                                  / by_name["as collect calls it"]["seconds"])
 
 
 def test_generate_overrides_reach_model_generate(tiny_params_file):
-    """Overrides change what is generated (one new token at most); without them the call is unchanged."""
+    """Without overrides the call is model.generate with the policy's sampling settings, token for token;
+    an override changes what is generated (one new token at most)."""
+    import torch
+
     from pipeline_steps.common.config import load_params
     from pipeline_steps.common.contract import HistoryTurn
     from pipeline_steps.common.policies import load_policy
@@ -54,15 +61,26 @@ def test_generate_overrides_reach_model_generate(tiny_params_file):
     prompts = policy.prompts([[HistoryTurn("Hi, we want a new kitchen. What would it cost?")],
                               [HistoryTurn("Can someone come and look at our bathroom next week?")]])
     plain = policy.generate(prompts, 7)
-    assert policy.generate(prompts, 7) == plain
+    enc = policy.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        out = policy.model.generate(**enc, max_new_tokens=params.collect.max_new_tokens, do_sample=True,
+                                    temperature=params.collect.temperature, top_p=params.collect.top_p, top_k=None,
+                                    repetition_penalty=params.collect.repetition_penalty,
+                                    pad_token_id=policy.tokenizer.pad_token_id)
+    assert plain == policy.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     one = policy.generate(prompts, 7, max_new_tokens=1)
     assert all(len(policy.tokenizer(t, add_special_tokens=False)["input_ids"]) <= 2 for t in one)
     assert one != plain
 
 
-def test_generation_bench_refuses_a_zero_batch_size(tmp_path, tiny_params_file):
+def test_generation_bench_refuses_bad_batch_sizes(tmp_path, tiny_params_file):
     out = tmp_path / "gen.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--params",
                            str(tiny_params_file), "--batch-sizes", "16,0", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "must be positive" in proc.stderr and not out.exists()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--params",
+                           str(tiny_params_file), "--batch-sizes", "16,", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "comma-separated list of integers" in proc.stderr and not out.exists()
