@@ -13,6 +13,12 @@
    greedy decoding (no sampler at all): each against the call as collect makes it, best of ``--repeats``.
    Whether a variant's decoded text equals the baseline's is printed too: only identical output leaves every
    recorded result (the proof's conversions) reproducible.
+3. **Weights dtype** (``--dtypes float32,bfloat16``: ``base_model.dtype``, what ``profiles/gpu.yaml`` sets). The
+   policy loaded in each further dtype meets the same customers at the baseline batch size (tokens/s against
+   the first dtype's run, conversion), and on the heaviest call's prompts and the first dtype's sampled replies
+   the per-token ``KL(pi_dtype || pi_first)`` and how often both pick the same next token: a dtype that is
+   faster but moves the policy as far as a PPO iteration does (the CPU proof's ``KL(pi_1 || pi_0)`` is 0.019
+   per token) is not the same pi_0.
 """
 
 from __future__ import annotations
@@ -66,6 +72,37 @@ def _time_call(policy: Any, prompts: list[str], seed: int, overrides: dict[str, 
     return best, texts
 
 
+def _reply_divergence(policy: Any, other: Any, prompts: list[str], replies: list[str]) -> dict[str, Any]:
+    """Per-token ``KL(other || policy)`` and next-token agreement on ``policy``'s own replies (teacher-forced).
+
+    Row by row, so no padding enters either model; both distributions are taken in fp32 (log-softmax of each
+    model's logits), over the reply tokens only (the prompt ends with the assistant header, so the reply's
+    tokens start exactly after the prompt's).
+    """
+    import torch
+
+    tok = policy.tokenizer
+    kls, agree, n = [], 0, 0
+    with torch.inference_mode():
+        for prompt, reply in zip(prompts, replies):
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = tok(prompt + reply, add_special_tokens=False)["input_ids"]
+            if len(ids) <= len(p_ids) or ids[: len(p_ids)] != p_ids:
+                continue  # an empty reply, or a tokenisation that merged across the boundary: nothing to score
+            x = torch.tensor([ids])
+            # position t's logits predict token t + 1: the reply's tokens are predicted from len(p_ids) - 1 on
+            lo = len(p_ids) - 1
+            lp = torch.log_softmax(policy.model(x.to(policy.model.device)).logits[0, lo:-1].float(), -1)
+            lq = torch.log_softmax(other.model(x.to(other.model.device)).logits[0, lo:-1].float(), -1)
+            kls.append((lq.exp() * (lq - lp)).sum(-1).cpu())
+            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            n += lp.shape[0]
+    kl = torch.cat(kls) if kls else torch.zeros(0)
+    return {"reply_tokens": n, "rows_scored": len(kls), "kl_per_token": float(kl.mean()) if n else float("nan"),
+            "kl_per_token_p95": float(kl.quantile(0.95)) if n else float("nan"),
+            "same_argmax_fraction": agree / n if n else float("nan")}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -74,6 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="comma-separated; the first is the baseline (default: collect.batch_size, then 3x it)")
     ap.add_argument("--repeats", type=int, default=2, help="timings of each call variant; the best is kept")
     ap.add_argument("--skip-calls", action="store_true", help="only the batch sizes (part 1)")
+    ap.add_argument("--dtypes", default=None,
+                    help="comma-separated base_model.dtype values (float32, bfloat16); the first is the run of part 1, "
+                         "each further one is loaded and compared with it (default: base_model.dtype only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--out", default="benchmarks/results/bench_generation.json")
     args = ap.parse_args(argv)
@@ -96,6 +136,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
     if not sizes or min(sizes) < 1 or args.conversations < 1 or args.repeats < 1:
         ap.error("--batch-sizes, --conversations and --repeats must be positive")
+    from pipeline_steps.common.base_model import DTYPES
+
+    dtypes = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else [params.base_model.dtype]
+    if not dtypes or any(d not in DTYPES for d in dtypes) or len(set(dtypes)) != len(dtypes):
+        ap.error(f"--dtypes: {args.dtypes!r} is not a comma-separated list of distinct values of {', '.join(DTYPES)}")
+    params.base_model.dtype = dtypes[0]
     world = World(params.world)
     seed = params.world.seed + params.collect.seed  # collect's customers
     policy = load_policy("pi0", params, world.vertical, seed=seed)
@@ -171,6 +217,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         console.print(f"prefill is {result['call']['prefill_share']:.0%} of collect's call: every turn re-reads the "
                       "whole conversation, the shared system prompt included; the call re-run gives the text it gave "
                       f"in the world: {'yes' if result['call']['baseline_reproduces_the_world_run'] else 'NO'}")
+
+    result["dtypes"] = None
+    if len(dtypes) > 1:
+        tok = policy.tokenizer
+        prompts, call_seed, replies = max(calls, key=lambda c: sum(len(ids) for ids in tok(c[0])["input_ids"]))
+        rows = [{"dtype": dtypes[0], **runs[0], "tokens_per_second_vs_first": 1.0, "divergence": None}]
+        for dtype in dtypes[1:]:
+            other_params = params.model_copy(deep=True)
+            other_params.base_model.dtype = dtype
+            other = load_policy("pi0", other_params, world.vertical, seed=seed)
+            other.generate(policy.prompts([[HistoryTurn("Hello, we want a new kitchen. What would it cost?")]]), seed,
+                           max_new_tokens=2)  # warm-up, as for the baseline
+            run = _world_run(world, other, args.conversations, seed, sizes[0])
+            rows.append({"dtype": dtype, **run, "tokens_per_second_vs_first":
+                         run["tokens_per_second"] / base_tps if base_tps else float("nan"),
+                         "divergence": _reply_divergence(policy, other, prompts, replies)})
+            del other
+        result["dtypes"] = {"batch_size": sizes[0], "call_rows": len(prompts), "rows": rows}
+        table = Table(title=f"weights dtype (base_model.dtype), batch size {sizes[0]}, the same customers; divergence "
+                            f"from {dtypes[0]} on its {len(prompts)} replies of the heaviest call")
+        for col in ("dtype", "new tokens", "generate s", "tokens/s", f"vs {dtypes[0]}", "conversion [95% CI]",
+                    "KL per token (p95)", "same next token"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            lo, hi = r["conversion_ci95"]
+            d = r["divergence"]
+            table.add_row(r["dtype"], str(r["new_tokens"]), f"{r['generate_seconds']:.1f}", f"{r['tokens_per_second']:.1f}",
+                          f"{r['tokens_per_second_vs_first']:.2f}x", f"{r['conversion']:.3f} [{lo:.3f}, {hi:.3f}]",
+                          "" if d is None else f"{d['kl_per_token']:.4f} ({d['kl_per_token_p95']:.4f})",
+                          "" if d is None else f"{d['same_argmax_fraction']:.1%} of {d['reply_tokens']}")
+        console.print(table)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -45,6 +45,35 @@ def test_generation_bench_compares_batch_sizes_and_call_variants(tmp_path, tiny_
                                                   / by_name["as collect calls it"]["seconds"])
 
 
+def test_generation_bench_compares_weights_dtypes(tmp_path, tiny_params_file):
+    """--dtypes loads the policy again in bf16, runs it on the same customers and scores its divergence from
+    the fp32 policy on the fp32 policy's own replies: not zero (bf16 rounds the weights), far from total."""
+    result = _bench().main(["--params", str(tiny_params_file), "--conversations", "4", "--batch-sizes", "2",
+                            "--dtypes", "float32,bfloat16", "--skip-calls", "--out", str(tmp_path / "gen.json")])
+    first, other = result["dtypes"]["rows"]
+    assert (first["dtype"], other["dtype"]) == ("float32", "bfloat16") and first["divergence"] is None
+    assert first["new_tokens"] == result["batch_sizes"][0]["new_tokens"]  # the first dtype's row is part 1's run
+    assert other["conversations"] == 4 and other["batch_size"] == 2 and other["new_tokens"] > 0
+    assert other["tokens_per_second_vs_first"] == pytest.approx(other["tokens_per_second"] / first["tokens_per_second"])
+    d = other["divergence"]
+    assert d["reply_tokens"] > 0 and d["rows_scored"] >= 1
+    assert 0.0 < d["kl_per_token"] < 1.0 and 0.5 < d["same_argmax_fraction"] <= 1.0
+
+
+def test_reply_divergence_is_zero_against_itself(tiny_params_file):
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.contract import HistoryTurn
+    from pipeline_steps.common.policies import load_policy
+    from pipeline_steps.world.simulator import World
+
+    params = load_params(tiny_params_file)
+    policy = load_policy("pi0", params, World(params.world).vertical, seed=3)
+    prompts = policy.prompts([[HistoryTurn("Hi, we want a new kitchen. What would it cost?")]])
+    d = _bench()._reply_divergence(policy, policy, prompts, policy.generate(prompts, 7))
+    assert d["reply_tokens"] > 0 and d["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert d["same_argmax_fraction"] == 1.0
+
+
 def test_generate_overrides_reach_model_generate(tiny_params_file):
     """Without overrides the call is model.generate with the policy's sampling settings, token for token;
     an override changes what is generated (one new token at most)."""
@@ -84,3 +113,7 @@ def test_generation_bench_refuses_bad_batch_sizes(tmp_path, tiny_params_file):
                            str(tiny_params_file), "--batch-sizes", "16,", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "comma-separated list of integers" in proc.stderr and not out.exists()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--params",
+                           str(tiny_params_file), "--dtypes", "float32,float16", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--dtypes" in proc.stderr and not out.exists()
