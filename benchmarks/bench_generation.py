@@ -16,7 +16,8 @@
 3. **Weights dtype** (``--dtypes float32,bfloat16``: ``base_model.dtype``, what ``profiles/gpu.yaml`` sets). The
    policy loaded in each further dtype meets the same customers at the baseline batch size (tokens/s against
    the first dtype's run, conversion), and on the heaviest call's prompts and the first dtype's sampled replies
-   the per-token ``KL(pi_dtype || pi_first)`` and how often both pick the same next token: a dtype that is
+   the per-token ``KL(pi_dtype || pi_first)`` at the sampling temperature and how often both pick the same next
+   token; that call is also timed in each dtype (the world runs diverge, so their token counts differ). A dtype that is
    faster but moves the policy as far as a PPO iteration does (the CPU proof's ``KL(pi_1 || pi_0)`` is 0.019
    per token) is not the same pi_0.
 """
@@ -75,14 +76,16 @@ def _time_call(policy: Any, prompts: list[str], seed: int, overrides: dict[str, 
 def _reply_divergence(policy: Any, other: Any, prompts: list[str], replies: list[str]) -> dict[str, Any]:
     """Per-token ``KL(other || policy)`` and next-token agreement on ``policy``'s own replies (teacher-forced).
 
-    Row by row, so no padding enters either model; both distributions are taken in fp32 (log-softmax of each
-    model's logits), over the reply tokens only (the prompt ends with the assistant header, so the reply's
-    tokens start exactly after the prompt's).
+    At the sampling temperature (the distributions that are deployed, as ``evaluate``'s KL), exact over the
+    vocabulary at each reply position. Row by row, so no padding enters either model; both log-softmaxes in
+    fp32. The decoded reply is tokenised again after its prompt (which ends with the assistant header), so the
+    reply's tokens start right after the prompt's; its end-of-turn token is not scored.
     """
     import torch
 
     tok = policy.tokenizer
-    kls, agree, n = [], 0, 0
+    t = policy.temperature or 1.0
+    kls, agree, n, own_logp = [], 0, 0, 0.0
     with torch.inference_mode():
         for prompt, reply in zip(prompts, replies):
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -90,17 +93,22 @@ def _reply_divergence(policy: Any, other: Any, prompts: list[str], replies: list
             if len(ids) <= len(p_ids) or ids[: len(p_ids)] != p_ids:
                 continue  # an empty reply, or a tokenisation that merged across the boundary: nothing to score
             x = torch.tensor([ids])
-            # position t's logits predict token t + 1: the reply's tokens are predicted from len(p_ids) - 1 on
+            # position i's logits predict token i + 1: the reply's tokens are predicted from len(p_ids) - 1 on
             lo = len(p_ids) - 1
-            lp = torch.log_softmax(policy.model(x.to(policy.model.device)).logits[0, lo:-1].float(), -1)
-            lq = torch.log_softmax(other.model(x.to(other.model.device)).logits[0, lo:-1].float(), -1)
+            lp = torch.log_softmax(policy.model(x.to(policy.model.device)).logits[0, lo:-1].float() / t, -1)
+            lq = torch.log_softmax(other.model(x.to(other.model.device)).logits[0, lo:-1].float() / t, -1)
             kls.append((lq.exp() * (lq - lp)).sum(-1).cpu())
             agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            own_logp += float(lp.gather(-1, x[0, lo + 1:, None].to(lp.device)).sum())
             n += lp.shape[0]
     kl = torch.cat(kls) if kls else torch.zeros(0)
-    return {"reply_tokens": n, "rows_scored": len(kls), "kl_per_token": float(kl.mean()) if n else float("nan"),
+    return {"reply_tokens": n, "rows_scored": len(kls), "temperature": t,
+            "kl_per_token": float(kl.mean()) if n else float("nan"),
             "kl_per_token_p95": float(kl.quantile(0.95)) if n else float("nan"),
-            "same_argmax_fraction": agree / n if n else float("nan")}
+            "same_argmax_fraction": agree / n if n else float("nan"),
+            # mean log-probability of the reply's own tokens under ``policy`` (at the temperature): a check that
+            # the scored positions are the reply's (tests compare it with policies.response_logprobs)
+            "reply_logprob_per_token": own_logp / n if n else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -222,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if len(dtypes) > 1:
         tok = policy.tokenizer
         prompts, call_seed, replies = max(calls, key=lambda c: sum(len(ids) for ids in tok(c[0])["input_ids"]))
-        rows = [{"dtype": dtypes[0], **runs[0], "tokens_per_second_vs_first": 1.0, "divergence": None}]
+        first_call_s, _ = _time_call(policy, prompts, call_seed, {}, args.repeats)
+        rows = [{"dtype": dtypes[0], **runs[0], "tokens_per_second_vs_first": 1.0, "call_seconds": first_call_s,
+                 "call_speedup_vs_first": 1.0, "divergence": None}]
         for dtype in dtypes[1:]:
             other_params = params.model_copy(deep=True)
             other_params.base_model.dtype = dtype
@@ -230,21 +240,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             other.generate(policy.prompts([[HistoryTurn("Hello, we want a new kitchen. What would it cost?")]]), seed,
                            max_new_tokens=2)  # warm-up, as for the baseline
             run = _world_run(world, other, args.conversations, seed, sizes[0])
+            # the world runs differ once a token differs; the heaviest call, timed in both, is like for like
+            call_s, _ = _time_call(other, prompts, call_seed, {}, args.repeats)
             rows.append({"dtype": dtype, **run, "tokens_per_second_vs_first":
                          run["tokens_per_second"] / base_tps if base_tps else float("nan"),
+                         "call_seconds": call_s, "call_speedup_vs_first": first_call_s / call_s,
                          "divergence": _reply_divergence(policy, other, prompts, replies)})
             del other
         result["dtypes"] = {"batch_size": sizes[0], "call_rows": len(prompts), "rows": rows}
-        table = Table(title=f"weights dtype (base_model.dtype), batch size {sizes[0]}, the same customers; divergence "
-                            f"from {dtypes[0]} on its {len(prompts)} replies of the heaviest call")
+        table = Table(title=f"weights dtype (base_model.dtype), batch size {sizes[0]}, the same customers; the heaviest "
+                            f"call timed in each (best of {args.repeats}); divergence from {dtypes[0]} on its "
+                            f"{len(prompts)} replies of that call, at temperature {policy.temperature}")
         for col in ("dtype", "new tokens", "generate s", "tokens/s", f"vs {dtypes[0]}", "conversion [95% CI]",
-                    "KL per token (p95)", "same next token"):
+                    "heaviest call s", f"vs {dtypes[0]}", "KL per token (p95)", "same next token"):
             table.add_column(col, justify="right")
         for r in rows:
             lo, hi = r["conversion_ci95"]
             d = r["divergence"]
             table.add_row(r["dtype"], str(r["new_tokens"]), f"{r['generate_seconds']:.1f}", f"{r['tokens_per_second']:.1f}",
                           f"{r['tokens_per_second_vs_first']:.2f}x", f"{r['conversion']:.3f} [{lo:.3f}, {hi:.3f}]",
+                          f"{r['call_seconds']:.2f}", f"{r['call_speedup_vs_first']:.2f}x",
                           "" if d is None else f"{d['kl_per_token']:.4f} ({d['kl_per_token_p95']:.4f})",
                           "" if d is None else f"{d['same_argmax_fraction']:.1%} of {d['reply_tokens']}")
         console.print(table)

@@ -52,7 +52,8 @@ def test_generation_bench_compares_weights_dtypes(tmp_path, tiny_params_file):
                             "--dtypes", "float32,bfloat16", "--skip-calls", "--out", str(tmp_path / "gen.json")])
     first, other = result["dtypes"]["rows"]
     assert (first["dtype"], other["dtype"]) == ("float32", "bfloat16") and first["divergence"] is None
-    assert first["new_tokens"] == result["batch_sizes"][0]["new_tokens"]  # the first dtype's row is part 1's run
+    assert first["call_speedup_vs_first"] == 1.0 and first["call_seconds"] > 0 and other["call_seconds"] > 0
+    assert other["call_speedup_vs_first"] == pytest.approx(first["call_seconds"] / other["call_seconds"])
     assert other["conversations"] == 4 and other["batch_size"] == 2 and other["new_tokens"] > 0
     assert other["tokens_per_second_vs_first"] == pytest.approx(other["tokens_per_second"] / first["tokens_per_second"])
     d = other["divergence"]
@@ -71,7 +72,31 @@ def test_reply_divergence_is_zero_against_itself(tiny_params_file):
     prompts = policy.prompts([[HistoryTurn("Hi, we want a new kitchen. What would it cost?")]])
     d = _bench()._reply_divergence(policy, policy, prompts, policy.generate(prompts, 7))
     assert d["reply_tokens"] > 0 and d["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
-    assert d["same_argmax_fraction"] == 1.0
+    assert d["same_argmax_fraction"] == 1.0 and d["temperature"] == params.collect.temperature
+
+
+def test_reply_divergence_scores_the_reply_tokens_themselves(tiny_params_file):
+    """The positions it scores are the reply's: the reply's log-probability under the policy equals what
+    ``policies.response_logprobs`` (evaluate's KL) gives for the same tokens (a slice off by one would not)."""
+    import numpy as np
+
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.contract import HistoryTurn
+    from pipeline_steps.common.policies import load_policy, response_logprobs
+    from pipeline_steps.world.simulator import World
+
+    params = load_params(tiny_params_file)
+    policy = load_policy("pi0", params, World(params.world).vertical, seed=3)
+    prompts = policy.prompts([[HistoryTurn("Hi, we want a new kitchen. What would it cost?")],
+                              [HistoryTurn("Can someone come and look at our bathroom next week?")]])
+    replies = ["Great, how big is the room?", "Sure! Which day suits you best?"]
+    d = _bench()._reply_divergence(policy, policy, prompts, replies)
+    tok = policy.tokenizer
+    ids = [tok(p + r, add_special_tokens=False)["input_ids"][len(tok(p, add_special_tokens=False)["input_ids"]):]
+           for p, r in zip(prompts, replies)]
+    lp = response_logprobs(policy.model, tok, prompts, ids, policy.temperature, batch_size=2)
+    assert d["rows_scored"] == 2 and d["reply_tokens"] == sum(len(x) for x in ids)
+    assert d["reply_logprob_per_token"] == pytest.approx(float(np.concatenate(lp).mean()), abs=1e-4)
 
 
 def test_generate_overrides_reach_model_generate(tiny_params_file):
@@ -116,4 +141,4 @@ def test_generation_bench_refuses_bad_batch_sizes(tmp_path, tiny_params_file):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--params",
                            str(tiny_params_file), "--dtypes", "float32,float16", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2 and "--dtypes" in proc.stderr and not out.exists()
+    assert proc.returncode == 2 and "distinct values of" in proc.stderr and not out.exists()

@@ -333,7 +333,7 @@ def test_rloo_and_grpo_run_end_to_end(world_files, algorithm):
 
 def test_ppo_runs_with_bf16_policy_weights_on_the_cpu(world_files):
     """``base_model.dtype: bfloat16`` (profiles/gpu.yaml; on a CPU with fast bf16 it makes generation 1.68x,
-    README) loads pi_i and its reference in bf16: PPO still updates, and the new policy it saves is bf16 too."""
+    README) loads pi_i and its reference in bf16: PPO still updates, and the merged policy it saves is fp32."""
     import torch
 
     from pipeline_steps import ppo_tune
@@ -347,8 +347,19 @@ def test_ppo_runs_with_bf16_policy_weights_on_the_cpu(world_files):
     m = ppo_tune.main(step_args({**world_files, "params": params}, out, "--total-episodes", "32", "--no-mlflow"))
     assert m["training"]["updates"] >= 2 and np.isfinite(m["theorem1"]["improvement"]["mean"])
     assert m["theorem1"]["kl_per_token"] > 0  # the policy moved
+    # the merged policy is fp32: pi_i reloaded in fp32 plus the saved LoRA delta, not rounded to bf16 (where an
+    # update under half a bf16 step per weight would vanish)
     config = json.loads((out / "policy" / "config.json").read_text())
-    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    from peft import PeftModel
+
+    saved = load_causal_lm(out / "policy")
+    expected = PeftModel.from_pretrained(load_causal_lm(world_files["policy"]), str(out / "adapter")).merge_and_unload()
+    base = load_causal_lm(world_files["policy"])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w, w_exp, w0 = (dict(m.named_parameters())[name] for m in (saved, expected, base))
+    assert torch.allclose(w, w_exp, atol=1e-7) and not torch.equal(w, w0)
+    assert not torch.equal(w, w.to(torch.bfloat16).float())  # off the bf16 grid
     assert load_causal_lm(out / "policy", dtype="bfloat16").dtype == torch.bfloat16
 
 

@@ -37,9 +37,10 @@ class BaseModelParams(Section):
     )
     cache_dir: str = Field("models", description="Where converted/derived base models are cached.")
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Weights dtype when loading the policies. bfloat16: generation 1.68x on a Zen 4 EPYC "
-        "(AVX512-BF16) at 0.001 nats/token from fp32, but half speed on an AVX-512 Xeon without AMX, and the sampled "
-        "texts change (benchmarks/bench_generation.py --dtypes measures both on your machine); "
+        "float32", description="Weights dtype when loading the policies. bfloat16: faster generation where bf16 "
+        "matmuls are fast (a Zen 4 EPYC: README), slower where they are not (an AVX-512 Xeon without AMX ran them at "
+        "half the fp32 speed), and the sampled texts change; benchmarks/bench_generation.py --dtypes measures the "
+        "speed and the policy's divergence on your machine. "
         "fit_q trains Q in float32 whatever this says (fit_q.bf16 is its mixed precision)."
     )
     num_threads: int = Field(
