@@ -332,7 +332,7 @@ def test_rloo_and_grpo_run_end_to_end(world_files, algorithm):
 
 
 def test_ppo_runs_with_bf16_policy_weights_on_the_cpu(world_files):
-    """``base_model.dtype: bfloat16`` (profiles/gpu.yaml; on a CPU with fast bf16 it makes generation 1.68x,
+    """``base_model.dtype: bfloat16`` (profiles/gpu.yaml; on a CPU with fast bf16 it makes generation 1.7x,
     README) loads pi_i and its reference in bf16: PPO still updates, and the merged policy it saves is fp32."""
     import torch
 
