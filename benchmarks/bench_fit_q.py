@@ -43,6 +43,12 @@ held-out scores of all folds are pooled into one set where every conversation is
 margin and its conversation-resampled CI use every dialogue. ``--*-train-rows`` and ``--*-val-rows`` then cap
 each fold's sample; the first ``--eval-rows`` held-out rows of each fold are the Trainer's selection rows.
 
+**More dialogues to train on** (``--dnd-extra-train FILE``, repeatable): rows of further files of the corpus
+(its ``test.txt``; ``../shared/data`` holds only ``val.txt``) join every training set, Q's and the baselines'
+alike, and are never held out; a dialogue also in the main file is dropped. With ``--dnd-hold-out-all`` they
+are the only training rows and every main-file row is held out: the corpus's own split, one model scoring
+every ``val.txt`` dialogue, paired row for row with a cross-fitted run by ``compare_bench_fit_q_rows.py --align``.
+
 **Throughput** of every run: tokens/s counts real (non-pad) tokens over the timed optimisation steps
 (evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured
 in the same run and at the same thread count, two ways:
@@ -95,11 +101,13 @@ def dnd_input_sentence(you_input: str) -> str:
                                        for item, c, v in zip(DND_ITEMS, n[0::2], n[1::2])) + "."
 
 
-def dnd_returns(params: Any, tokenizer: Any, val_fraction: float, with_input: bool = False) -> Any:
+def dnd_returns(params: Any, tokenizer: Any, val_fraction: float, with_input: bool = False,
+                path: str = DND_FILE) -> Any:
     """Deal-or-No-Deal returns rows (ingest adapter + returns code), re-split by dialogue.
 
     ``with_input``: each conversation's system prompt also states YOU's items and their values to YOU (the
     ``<input>`` a negotiator sees, as a business agent sees its customer's account), for Q and the baselines alike.
+    The info dict carries ``keys``, the dialogue keys, so that another file's rows can be checked for overlap.
     """
     import polars as pl
     import pyarrow as pa
@@ -107,7 +115,7 @@ def dnd_returns(params: Any, tokenizer: Any, val_fraction: float, with_input: bo
     from pipeline_steps import ingest, returns
     from pipeline_steps.common.config import IngestParams
 
-    canon, _, _ = ingest.ingest(DND_FILE, IngestParams(format="dealornodeal"))
+    canon, rejects, _ = ingest.ingest(path, IngestParams(format="dealornodeal"))  # rejected lines: counted below
     turns = pl.from_arrow(canon)
     if with_input:
         you_input = {cid: json.loads(b)["you_input"] for cid, b in
@@ -139,7 +147,40 @@ def dnd_returns(params: Any, tokenizer: Any, val_fraction: float, with_input: bo
         pl.col("conversation_id").map_elements(lambda c: digest[c].hex()[:16], return_dtype=pl.String).alias("cluster"),
     )
     n_dialogues = len(set(key.values()))
-    return df, {"conversations": len(key), "dialogues": n_dialogues}
+    return df, {"file": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                "conversations": len(key), "dialogues": n_dialogues, "lines_rejected_by_ingest": len(rejects),
+                "keys": set(key.values())}
+
+
+def dnd_extra_train(params: Any, tokenizer: Any, paths: list[str], held_out_keys: set[str],
+                    with_input: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Rows of further Deal-or-No-Deal files (e.g. the corpus's ``test.txt``) that only ever *train*: added to every
+    training set (each fold's, or the single split's), Q's and the baselines' alike, never held out. A dialogue
+    that is also in the main file is dropped (its outcome would leak into the held-out rows), and counted."""
+    import polars as pl
+
+    parts, infos = [], []
+    for path in paths:
+        df, info = dnd_returns(params, tokenizer, 0.0, with_input, path=path)
+        keys = info.pop("keys")
+        overlap = keys & held_out_keys
+        if overlap:
+            gone = {hashlib.sha256(k.encode()).digest().hex()[:16] for k in overlap}
+            df = df.filter(~pl.col("cluster").is_in(sorted(gone)))
+        parts.append(df.with_columns(pl.lit("train").alias("split")))
+        infos.append(info | {"rows": df.height, "dialogues_dropped_as_in_the_main_file": len(overlap)})
+    extra = pl.concat(parts)
+    return extra, {"files": infos, "rows": extra.height}
+
+
+def with_extra(train: Any, extra: Any, seed: int) -> Any:
+    """``train`` plus the extra training rows, shuffled together (seeded) so that epochs mix both sources."""
+    import polars as pl
+
+    if extra is None or extra.height == 0:
+        return train
+    both = pl.concat([train, extra], how="diagonal_relaxed")  # the extra rows have no fold
+    return both.sample(fraction=1.0, seed=seed + 2, shuffle=True)
 
 
 def world_returns(params: Any, tokenizer: Any, per_strategy: int) -> Any:
@@ -198,12 +239,12 @@ def fold_of(clusters: Any, k: int) -> Any:
 
 
 def cross_fit(df: Any, k: int, n_train: int, n_val: int, seed: int, eval_rows: int,
-              fit: Any) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]:
+              fit: Any, extra: Any = None) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]:
     """Scores every held-out row of ``k`` folds with models trained on the other folds.
 
     ``fit(train, val)`` returns ``(q, base_preds, run)`` for one fold. The pooled rows come back with each
     fold's first ``eval_rows`` (the Trainer's selection rows) first, so ``quality(..., k * eval_rows)``
-    reports the margin on the never-evaluated rest as for one split.
+    reports the margin on the never-evaluated rest as for one split. ``extra`` rows join every fold's training set.
     """
     import numpy as np
     import polars as pl
@@ -216,7 +257,7 @@ def cross_fit(df: Any, k: int, n_train: int, n_val: int, seed: int, eval_rows: i
         if va.height <= eval_rows or len(set(va["outcome"].to_list())) < 2:
             raise SystemExit(f"--folds {k}: fold {f} holds {va.height} rows ({va['cluster'].n_unique()} conversations), "
                              f"too few past --eval-rows {eval_rows} or one outcome only; use fewer folds")
-        q, base_preds, run = fit(tr, va)
+        q, base_preds, run = fit(with_extra(tr, extra, seed), va)
         parts.append((va, q, base_preds))
         runs.append(run)
 
@@ -446,6 +487,12 @@ def main() -> None:
     ap.add_argument("--dnd-val-rows", type=int, default=128)
     ap.add_argument("--dnd-state", choices=("dialogue", "dialogue+input"), default="dialogue",
                     help="Deal-or-No-Deal state: the dialogue, or also YOU's items and values in the system prompt")
+    ap.add_argument("--dnd-extra-train", action="append", default=[], metavar="FILE",
+                    help="a further Deal-or-No-Deal file (e.g. the corpus's test.txt) whose rows join every training "
+                         "set and are never held out; repeatable. Dialogues also in the main file are dropped")
+    ap.add_argument("--dnd-hold-out-all", action="store_true",
+                    help="with --dnd-extra-train: train on the extra files' rows only and hold out every row of the "
+                         "main file (the corpus's own split, e.g. train on test.txt, score every val.txt dialogue)")
     ap.add_argument("--world-per-strategy", type=int, default=40, help="conversations per scripted strategy")
     ap.add_argument("--world-logs", default=None,
                     help="conversation logs of the world to use instead of the scripted mix, e.g. the folder "
@@ -478,6 +525,9 @@ def main() -> None:
         ap.error(f"--folds {args.folds}: 0 (one split) or at least 2")
     if args.folds and args.precision == "measure":
         ap.error("--folds trains K models per task: fix the precision with --precision fp32 or bf16")
+    if args.dnd_hold_out_all and (not args.dnd_extra_train or args.folds or args.precision == "measure"):
+        ap.error("--dnd-hold-out-all trains on --dnd-extra-train rows only: give --dnd-extra-train, no --folds, "
+                 "and --precision fp32 or bf16")
 
     import torch
     from rich.console import Console
@@ -515,7 +565,15 @@ def main() -> None:
     preds: list[Any] = []
     if "dnd" in wanted or args.precision == "measure":  # the precision runs are on Deal-or-No-Deal rows
         dnd, dnd_info = dnd_returns(params, tokenizer, 0.3, with_input=args.dnd_state == "dialogue+input")
+        dnd_keys = dnd_info.pop("keys")
         dnd_info["state"] = args.dnd_state
+    dnd_extra = None
+    if args.dnd_extra_train and "dnd" in wanted:
+        dnd_extra, dnd_info["extra_train"] = dnd_extra_train(params, tokenizer, args.dnd_extra_train, dnd_keys,
+                                                             with_input=args.dnd_state == "dialogue+input")
+        console.print(f"extra Deal-or-No-Deal training rows: {dnd_info['extra_train']['rows']} from "
+                      + ", ".join(f"{f['file']} ({f['dialogues']} dialogues, {f['dialogues_dropped_as_in_the_main_file']} "
+                                  "dropped as in the main file)" for f in dnd_info["extra_train"]["files"]))
 
     # 1. Precision: fp32 against bf16 autocast on the first --throughput-rows train rows (same rows, seed, budget).
     speedup = quality_cost = fp32 = bf16_run = None
@@ -535,7 +593,7 @@ def main() -> None:
         speedup = runs[bf16_run]["tokens_per_second"] / runs[fp32]["tokens_per_second"]
         quality_cost = tasks[fp32]["mse_q_g"] and (tasks[bf16_run]["mse_q_g"] / tasks[fp32]["mse_q_g"] - 1)
         use_bf16 = speedup > 1.1 and quality_cost < 0.05 and tasks[bf16_run]["auc_q"] >= tasks[fp32]["auc_q"] - 0.02
-        measured_all = small.height == tr.height and args.throughput_epochs == args.epochs
+        measured_all = small.height == tr.height and args.throughput_epochs == args.epochs and dnd_extra is None
     else:
         use_bf16, measured_all = args.precision == "bf16", False
     prec = "bf16" if use_bf16 else "fp32"
@@ -549,15 +607,24 @@ def main() -> None:
                       f"{run['held_out_auc']['tfidf_lr']:.3f} ({time.perf_counter() - t_start:.0f}s elapsed)")
         return run["q"], base_preds, run
 
-    def quality_run(task: str, df: Any, info: dict[str, Any], n_train: int, n_val: int) -> None:
-        """Q and the baselines on one split of ``df``, or cross-fitted over ``--folds`` folds."""
+    def quality_run(task: str, df: Any, info: dict[str, Any], n_train: int, n_val: int, extra: Any = None) -> None:
+        """Q and the baselines on one split of ``df``, or cross-fitted over ``--folds`` folds; ``extra`` rows
+        join every training set."""
+        plus = f"_plus{extra.height}" if extra is not None else ""
         if args.folds:
-            va, q, base_preds, fold_runs = cross_fit(df, args.folds, n_train, n_val, args.seed, args.eval_rows, fit)
-            name, run = f"{task}_{prec}_cv{args.folds}", combine_runs(fold_runs)
+            va, q, base_preds, fold_runs = cross_fit(df, args.folds, n_train, n_val, args.seed, args.eval_rows, fit, extra)
+            name, run = f"{task}_{prec}_cv{args.folds}{plus}", combine_runs(fold_runs)
+        elif extra is not None and args.dnd_hold_out_all:  # every main-file row held out, the extra rows train
+            import polars as pl
+
+            va = df.with_columns(pl.lit("validation").alias("split")).sample(min(n_val, df.height), seed=args.seed + 1,
+                                                                              shuffle=True)
+            q, base_preds, run = fit(extra.sample(fraction=1.0, seed=args.seed + 2, shuffle=True), va)
+            name = f"{task}_{prec}_extra{extra.height}_all_held_out"
         else:
             tr, va = sample(df, n_train, n_val, args.seed)
-            q, base_preds, run = fit(tr, va)
-            name = f"{task}_{prec}_{tr.height}"
+            q, base_preds, run = fit(with_extra(tr, extra, args.seed), va)
+            name = f"{task}_{prec}_{tr.height}{plus}"
         runs[name] = run
         tasks[name] = quality(va["outcome"].to_numpy(), va["G"].to_numpy(), q, base_preds,
                               args.eval_rows * max(args.folds, 1), va["cluster"].to_numpy()) | {"rows_total": df.height, **info}
@@ -566,7 +633,7 @@ def main() -> None:
 
     # 2. Deal-or-No-Deal at the full --dnd-train-rows and --epochs, with the faster precision that costs no quality.
     if "dnd" in wanted and not measured_all:
-        quality_run("dnd", dnd, dnd_info, args.dnd_train_rows, args.dnd_val_rows)
+        quality_run("dnd", dnd, dnd_info, args.dnd_train_rows, args.dnd_val_rows, dnd_extra)
 
     # 3. World logs with the same precision and epochs.
     if "world" in wanted:

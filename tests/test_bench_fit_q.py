@@ -121,27 +121,37 @@ def test_bench_fit_q_world_from_collected_logs_saves_every_scored_row(tmp_path, 
 
 def test_cross_fitting_holds_out_every_conversation_once(tmp_path, tiny_model_dir, dealornodeal_file):
     """--folds 3: each Deal-or-No-Deal row is scored once, by a Q (and baselines) trained on the other folds; a
-    dialogue's two copies share a fold; the pooled margin's CI resamples every dialogue of the corpus."""
+    dialogue's two copies share a fold; the pooled margin's CI resamples every dialogue of the corpus.
+    --dnd-extra-train: another file's rows join every fold's training set and are never held out; its dialogues
+    that are also in the main file are dropped."""
     import polars as pl
 
-    dnd = tmp_path / "dnd.txt"
-    dnd.write_text("".join(dealornodeal_file.read_text().splitlines(keepends=True)[:150]))
+    lines = dealornodeal_file.read_text().splitlines(keepends=True)
+    dnd, extra = tmp_path / "dnd.txt", tmp_path / "extra.txt"
+    dnd.write_text("".join(lines[:150]))
+    extra.write_text("".join(lines[150:162] + lines[:1]))  # 12 new lines and one already held out
     out = tmp_path / "cv.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
            "--threads", "1", "--max-prompt-tokens", "96", "--dnd-train-rows", "24", "--dnd-val-rows", "100000",
            "--eval-rows", "8", "--lora-top-layers", "1", "--precision", "fp32", "--tasks", "dnd", "--folds", "3",
            "--out", str(out)]
     env = {**os.environ, "IPPO_DND_FILE": str(dnd), "COLUMNS": "200"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd + ["--dnd-extra-train", str(extra)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     (name, task), = result["tasks"].items()
     run = result["runs"][name]
-    assert name == "dnd_fp32_cv3" and len(run["folds"]) == 3
-    assert [f["train_rows"] for f in run["folds"]] == [24, 24, 24] and run["train_rows"] == 24
+    (extra_file,) = task["extra_train"]["files"]
+    assert extra_file["conversations"] == 13 and extra_file["dialogues_dropped_as_in_the_main_file"] == 1
+    n_extra = task["extra_train"]["rows"]
+    assert n_extra == extra_file["rows"] > 12  # the 12 new conversations' turns, not the dropped one's
+    assert name == f"dnd_fp32_cv3_plus{n_extra}" and len(run["folds"]) == 3
+    assert [f["train_rows"] for f in run["folds"]] == [24 + n_extra] * 3 and run["train_rows"] == 24 + n_extra
 
     rows = pl.read_parquet(out.with_suffix(".rows.parquet"))
-    assert rows.height == run["val_rows"] == task["rows_total"]  # every row held out, once
+    assert rows.height == run["val_rows"] == task["rows_total"]  # every row of the main file held out, once
+    assert not rows["conversation_id"].str.starts_with("dnd-extra-").any()  # the extra rows only ever train
     assert rows.select("conversation_id", "turn_index").is_unique().all()
     assert sorted(rows["fold"].unique().to_list()) == [0, 1, 2]
     assert (rows.group_by("cluster").agg(pl.col("fold").n_unique())["fold"] == 1).all()  # both copies, one fold
@@ -153,7 +163,21 @@ def test_cross_fitting_holds_out_every_conversation_once(tmp_path, tiny_model_di
     for fold in run["folds"]:
         assert 0.0 <= fold["held_out_auc"]["q"] <= 1.0 and fold["tokens_per_second"] > 0
 
-    for bad, message in ((["--folds", "1"], "--folds 1"), (["--precision", "measure"], "fix the precision")):
+    # --dnd-hold-out-all: one Q (and baselines) trained on the extra file's rows only scores every main-file row.
+    single = cmd[:cmd.index("--folds")] + cmd[cmd.index("--folds") + 2:]
+    proc = subprocess.run(single + ["--dnd-extra-train", str(extra), "--dnd-hold-out-all"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (name, task), = result["tasks"].items()
+    assert name == f"dnd_fp32_extra{n_extra}_all_held_out" and result["runs"][name]["train_rows"] == n_extra
+    held_out = pl.read_parquet(out.with_suffix(".rows.parquet"))
+    assert held_out.height == task["rows_total"] == rows.height
+    assert held_out.sort("conversation_id", "turn_index").select("conversation_id", "turn_index").equals(
+        rows.sort("conversation_id", "turn_index").select("conversation_id", "turn_index"))
+
+    for bad, message in ((["--folds", "1"], "--folds 1"), (["--precision", "measure"], "fix the precision"),
+                         (["--dnd-hold-out-all"], "--dnd-hold-out-all trains on --dnd-extra-train rows only")):
         proc = subprocess.run(cmd + bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr
 
