@@ -617,8 +617,9 @@ def main() -> None:
         elif extra is not None and args.dnd_hold_out_all:  # every main-file row held out, the extra rows train
             import polars as pl
 
-            va = df.with_columns(pl.lit("validation").alias("split")).sample(min(n_val, df.height), seed=args.seed + 1,
-                                                                              shuffle=True)
+            # One fold: every row held out by the one model (so ensemble/compare scripts take it as cross-fitted).
+            va = df.with_columns(pl.lit("validation").alias("split"), pl.lit(0).alias("fold")).sample(
+                min(n_val, df.height), seed=args.seed + 1, shuffle=True)
             q, base_preds, run = fit(extra.sample(fraction=1.0, seed=args.seed + 2, shuffle=True), va)
             name = f"{task}_{prec}_extra{extra.height}_all_held_out"
         else:

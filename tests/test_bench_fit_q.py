@@ -172,7 +172,7 @@ def test_cross_fitting_holds_out_every_conversation_once(tmp_path, tiny_model_di
     (name, task), = result["tasks"].items()
     assert name == f"dnd_fp32_extra{n_extra}_all_held_out" and result["runs"][name]["train_rows"] == n_extra
     held_out = pl.read_parquet(out.with_suffix(".rows.parquet"))
-    assert held_out.height == task["rows_total"] == rows.height
+    assert held_out.height == task["rows_total"] == rows.height and (held_out["fold"] == 0).all()
     assert held_out.sort("conversation_id", "turn_index").select("conversation_id", "turn_index").equals(
         rows.sort("conversation_id", "turn_index").select("conversation_id", "turn_index"))
 
@@ -366,6 +366,55 @@ def test_ensemble_of_cross_fitted_runs_averages_q_and_the_baselines(tmp_path):
         "conversation_id"))]).write_parquet(bad)
     with pytest.raises(ValueError, match="several data sets"):
         mod.ensemble([str(paths[0]), str(bad)])
+
+
+def test_pooling_disjoint_held_out_runs_scores_every_row_once(tmp_path):
+    """Two runs that held out disjoint conversations (each file of a corpus scored by a Q trained on the other)
+    pool into one held-out set whose statistics equal bench_fit_q.quality on the concatenated rows; overlapping
+    rows or conversations, and a run with rows no model held out, are refused."""
+    import numpy as np
+    import polars as pl
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import pool_bench_fit_q_rows as mod
+    from bench_fit_q import quality
+
+    rng = np.random.default_rng(1)
+    frames, paths = [], []
+    for k, (name, n) in enumerate((("val", 60), ("test", 40))):
+        conv = np.repeat(np.arange(n), 3)
+        y = np.repeat(rng.integers(0, 2, n), 3)
+        frames.append(pl.DataFrame({
+            "task": [f"dnd_bf16_extra{n}_all_held_out"] * conv.size, "row": np.arange(conv.size),
+            "conversation_id": [f"dnd-{name}-{c:05d}" for c in conv], "cluster": [f"{name}{c}" for c in conv],
+            "turn_index": np.tile(np.arange(3), n), "outcome": y, "G": y * 0.9, "fold": [0] * conv.size,
+            "q": y + rng.normal(0, 0.8 + k, conv.size), "tfidf_lr": y + rng.normal(0, 1.5, conv.size),
+            "turn_rate": rng.uniform(0, 1, conv.size)}))
+        paths.append(tmp_path / f"{name}.rows.parquet")
+        frames[-1].write_parquet(paths[-1])
+    result = mod.main([str(p) for p in paths] + ["--out", str(tmp_path / "pooled.json")])
+    both = pl.concat(frames)
+    expected = quality(both["outcome"].to_numpy(), both["G"].to_numpy(), both["q"].to_numpy(),
+                       {b: both[b].to_numpy() for b in ("tfidf_lr", "turn_rate")}, 0, both["cluster"].to_numpy())
+    pooled = result["pooled"]
+    assert result["rows"] == 300 and result["rows_per_run"] == [180, 120] and pooled["clusters"] == 100
+    assert pooled["auc_q"] == pytest.approx(expected["auc_q"]) and pooled["auc_margin"] == pytest.approx(expected["auc_margin"])
+    assert pooled["auc_margin_ci95"] == pytest.approx(expected["auc_margin_ci95"])
+    assert [r["rows"] for r in result["runs"]] == [180, 120] and result["runs"][0]["auc_q"] > result["runs"][1]["auc_q"]
+    assert json.loads((tmp_path / "pooled.json").read_text())["pooled"]["auc_q"] == pooled["auc_q"]
+
+    bad = tmp_path / "bad.rows.parquet"
+    with pytest.raises(ValueError, match="held out by two runs"):
+        mod.pool([str(paths[0]), str(paths[0])])
+    frames[1].with_columns(cluster=pl.lit("val0")).write_parquet(bad)  # another row of a conversation of run 1
+    with pytest.raises(ValueError, match="conversations .* held out by two runs"):
+        mod.pool([str(paths[0]), str(bad)])
+    frames[1].with_columns(fold=pl.lit(None, dtype=pl.Int64)).write_parquet(bad)
+    with pytest.raises(ValueError, match="a row without a fold"):
+        mod.pool([str(paths[0]), str(bad)])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pool_bench_fit_q_rows.py"), str(paths[0])],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "at least two" in proc.stderr
 
 
 def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):
