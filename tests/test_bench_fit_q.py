@@ -417,6 +417,48 @@ def test_pooling_disjoint_held_out_runs_scores_every_row_once(tmp_path):
     assert proc.returncode == 2 and "at least two" in proc.stderr
 
 
+def test_baselines_across_files_hold_out_every_row_of_each_file(tmp_path, tiny_model_dir, dealornodeal_file):
+    """Both baselines on two corpus files: within a file (cross-fitted), trained on the other file, and both; the
+    'other file' AUC is the baseline fitted on the whole other file; files sharing a dialogue are refused."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_fit_q as bench
+    import dnd_baselines_across_files as mod
+
+    lines = dealornodeal_file.read_text().splitlines(keepends=True)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(lines[:120]))
+    b.write_text("".join(lines[120:220]))
+    common = [str(a), str(b), "--base-model", str(tiny_model_dir), "--max-prompt-tokens", "96",
+              "--params", str(REPO / "params.yaml")]
+    result = mod.main(common + ["--out", str(tmp_path / "across.json")])
+    assert [f["conversations"] for f in result["files"]] == [120, 100]
+    for key in ("a", "b"):
+        assert set(result["held_out"][key]) == {"within", "other file", "within + other file"}
+        for aucs in result["held_out"][key].values():
+            assert 0.0 <= aucs["tfidf_lr"] <= 1.0 and 0.0 <= aucs["turn_rate"] <= 1.0
+
+    from pipeline_steps.common.base_model import load_tokenizer
+    from pipeline_steps.common.config import load_params
+
+    params = load_params(str(REPO / "params.yaml"), {"prompt.max_prompt_tokens": 96})
+    tok = load_tokenizer(tiny_model_dir)
+    rows_a, _ = bench.dnd_returns(params, tok, 0.0, path=str(a))
+    rows_b, _ = bench.dnd_returns(params, tok, 0.0, path=str(b))
+    y = rows_a["outcome"].to_numpy()
+    assert result["held_out"]["a"]["other file"]["tfidf_lr"] == pytest.approx(
+        bench.auc(y, bench.tfidf_baseline(rows_b, rows_a)))
+    assert result["held_out"]["a"]["other file"]["turn_rate"] == pytest.approx(
+        bench.auc(y, bench.turn_rate_baseline(rows_b, rows_a)))
+    assert not np.isclose(result["held_out"]["a"]["within"]["tfidf_lr"], result["held_out"]["a"]["other file"]["tfidf_lr"])
+
+    b.write_text("".join(lines[100:220]))  # 20 dialogues of a.txt again
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dnd_baselines_across_files.py"), *common],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "dialogues are in both files" in proc.stderr
+
+
 def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):
     """The GPU attention-kernel bench runs anywhere with --device cpu (a smoke run) and saves each case's speed."""
     out = tmp_path / "attention.json"
