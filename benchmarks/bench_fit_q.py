@@ -12,6 +12,9 @@
     .venv/bin/python benchmarks/summarise_bench_fit_q.py RUN_SEED0.json RUN_SEED1.json ...   # the mean over seeds
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --folds 3 \
         --dnd-train-rows 4000 --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3   # cross-fitted: 3 x ~20 min
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --dnd-train-rows 4000 \
+        --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3 --dnd-extra-train test.txt --dnd-hold-out-all \
+        --out A.json   # the corpus's split: trained on test.txt, every val.txt row held out; then the reverse, pooled
     python benchmarks/bench_fit_q.py --threads 8 --tasks dnd --throughput-rows 1024 --dnd-train-rows 1024 \
         --dnd-val-rows 512 --eval-rows 128 --learning-rate 1e-3 --batch-size 32   # fp32 vs bf16 on a GPU: 83 s, H200
 
