@@ -23,29 +23,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fit_q as bench  # noqa: E402
 
 
-def baseline_aucs(held_out: list[tuple[Any, Any]]) -> dict[str, float]:
-    """AUC of each baseline on the pooled held-out rows; ``held_out`` pairs (training rows, held-out rows)."""
+def _baselines_only(train: Any, val: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``bench_fit_q.cross_fit``'s ``fit`` with no Q: the two baselines' scores of ``val``."""
     import numpy as np
 
-    y = np.concatenate([va["outcome"].to_numpy() for _, va in held_out])
-    return {"tfidf_lr": bench.auc(y, np.concatenate([bench.tfidf_baseline(tr, va) for tr, va in held_out])),
-            "turn_rate": bench.auc(y, np.concatenate([bench.turn_rate_baseline(tr, va) for tr, va in held_out]))}
+    return np.zeros(val.height), {"tfidf_lr": bench.tfidf_baseline(train, val),
+                                  "turn_rate": bench.turn_rate_baseline(train, val)}, {}
+
+
+def baseline_aucs(train: Any, val: Any) -> dict[str, float]:
+    y = val["outcome"].to_numpy()
+    return {name: bench.auc(y, p) for name, p in _baselines_only(train, val)[1].items()}
+
+
+def cross_fitted_aucs(df: Any, folds: int, extra: Any = None) -> dict[str, float]:
+    """The baselines cross-fitted by ``bench_fit_q.cross_fit`` (same folds; ``extra`` rows join every fold's training)."""
+    val, _, preds, _ = bench.cross_fit(df, folds, df.height, df.height, 0, 0, _baselines_only, extra)
+    y = val["outcome"].to_numpy()
+    return {name: bench.auc(y, p) for name, p in preds.items()}
 
 
 def across_files(a: Any, b: Any, folds: int) -> dict[str, dict[str, dict[str, float]]]:
-    import polars as pl
-
-    out = {}
-    for name, df, other in (("a", a, b), ("b", b, a)):
-        fold = bench.fold_of(df["cluster"].to_list(), folds)
-        splits = [(df.filter(pl.Series(fold != f)), df.filter(pl.Series(fold == f))) for f in range(folds)]
-        out[name] = {
-            "within": baseline_aucs(splits),
-            "other file": baseline_aucs([(other, df)]),
-            "within + other file": baseline_aucs([(pl.concat([tr, other], how="diagonal_relaxed"), va)
-                                                  for tr, va in splits]),
-        }
-    return out
+    return {name: {"within": cross_fitted_aucs(df, folds), "other file": baseline_aucs(other, df),
+                   "within + other file": cross_fitted_aucs(df, folds, other)}
+            for name, df, other in (("a", a, b), ("b", b, a))}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -22,8 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fit_q import auc, quality  # noqa: E402
 from compare_bench_fit_q_rows import ROW_ID  # noqa: E402
-
-BASELINES = ("tfidf_lr", "turn_rate")
+from ensemble_bench_fit_q_rows import BASELINES  # noqa: E402
 
 
 def pool(paths: list[str]) -> dict[str, Any]:
