@@ -474,3 +474,40 @@ def test_attention_backend_bench_prints_every_case_side_by_side(tmp_path):
     if not __import__("torch").cuda.is_available():
         refused = subprocess.run(cmd[:2] + ["--layers", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and "no CUDA device" in refused.stderr
+
+
+def test_probe_of_frozen_states_reads_out_every_held_out_row_and_caches_the_states(tmp_path, tiny_model_dir):
+    """probe_q_features.py: three linear read-outs of the frozen states, cross-fitted on bench_fit_q's folds, each
+    against the same baselines; the states are computed once and reused from the cache by a second run."""
+    import polars as pl
+
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "probe_q_features.py"), "--base-model", str(tiny_model_dir),
+           "--threads", "1", "--max-prompt-tokens", "96", "--world-per-strategy", "10", "--folds", "2", "--out", str(out)]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Linear read-outs" in proc.stdout and "logistic_all" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["readouts"]) == {"ridge_G_probe_rows", "ridge_G_all", "logistic_all", "tfidf_state_only",
+                                      "tfidf_action_only"}
+    rows = pl.read_parquet(out.with_suffix(".rows.parquet"))
+    # Every row held out exactly once, by the fold of its conversation, with every read-out and baseline scored.
+    assert rows.height == result["rows"] == sum(f["val_rows"] for f in result["folds"])
+    assert rows.group_by("conversation_id").agg(pl.col("fold").n_unique())["fold"].max() == 1
+    assert set(rows["fold"].unique().to_list()) == {0, 1}
+    for name, m in result["readouts"].items():
+        assert 0.0 <= m["auc_q"] <= 1.0 and m["clusters"] == result["info"]["conversations"] == 40, name
+        lo, hi = m["auc_margin_ci95"]
+        assert lo <= m["auc_margin"] <= hi, name
+    # fit_q's probe (params.yaml: 256 rows) sees every train row of so small a fold: the same ridge as on all rows.
+    assert result["probe_init_rows"] >= max(f["train_rows"] for f in result["folds"])
+    assert rows["ridge_G_probe_rows"].to_list() == rows["ridge_G_all"].to_list()
+    assert rows["logistic_all"].to_list() != rows["ridge_G_all"].to_list()
+    # The second run reads the cached states instead of running the model again.
+    states = out.with_suffix(".states.npy")
+    stamp = states.stat().st_mtime_ns
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states.stat().st_mtime_ns == stamp
+    assert json.loads(out.read_text())["readouts"]["logistic_all"]["auc_q"] == result["readouts"]["logistic_all"]["auc_q"]
