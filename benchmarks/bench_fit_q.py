@@ -17,6 +17,10 @@
         --out A.json   # the corpus's split: trained on test.txt, every val.txt row held out; then the reverse, pooled
     python benchmarks/bench_fit_q.py --threads 8 --tasks dnd --throughput-rows 1024 --dnd-train-rows 1024 \
         --dnd-val-rows 512 --eval-rows 128 --learning-rate 1e-3 --batch-size 32   # fp32 vs bf16 on a GPU: 83 s, H200
+    python benchmarks/bench_fit_q.py --threads 8 --tasks world \
+        --world-logs benchmarks/results/bench_fit_q_world_logs_gpu/explore_logs_2048 --precision fp32 --folds 2 \
+        --world-train-rows 3000 --world-val-rows 100000 --eval-rows 128 --learning-rate 1e-3 --batch-size 32
+        # an LLM policy's logs (2,048 conversations collect wrote on a GPU), cross-fitted: 165 s on an H200
 
 1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
    with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
