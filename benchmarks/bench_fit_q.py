@@ -15,6 +15,9 @@
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --dnd-train-rows 4000 \
         --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3 --dnd-extra-train test.txt --dnd-hold-out-all \
         --out A.json   # the corpus's split: trained on test.txt, every val.txt row held out; then the reverse, pooled
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --dnd-train-rows 4000 \
+        --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3 --dnd-extra-train test.txt --dnd-folds-by-file
+        # the same in one run: each file scored by a Q trained on the other, pooled (~100 min on 2 cores)
     python benchmarks/bench_fit_q.py --threads 8 --tasks dnd --throughput-rows 1024 --dnd-train-rows 1024 \
         --dnd-val-rows 512 --eval-rows 128 --learning-rate 1e-3 --batch-size 32   # fp32 vs bf16 on a GPU: 83 s, H200
     python benchmarks/bench_fit_q.py --threads 8 --tasks world \
@@ -55,6 +58,8 @@ each fold's sample; the first ``--eval-rows`` held-out rows of each fold are the
 alike, and are never held out; a dialogue also in the main file is dropped. With ``--dnd-hold-out-all`` they
 are the only training rows and every main-file row is held out: the corpus's own split, one model scoring
 every ``val.txt`` dialogue, paired row for row with a cross-fitted run by ``compare_bench_fit_q_rows.py --align``.
+``--dnd-folds-by-file`` makes the files the folds: each file's rows are held out in turn and scored by a Q (and
+baselines) trained on the other files, and the pooled rows are scored as one set, as ``--folds`` pools its folds.
 
 **Throughput** of every run: tokens/s counts real (non-pad) tokens over the timed optimisation steps
 (evaluation and checkpointing excluded). Model FLOP utilisation is given against a matmul peak measured
@@ -167,14 +172,14 @@ def dnd_extra_train(params: Any, tokenizer: Any, paths: list[str], held_out_keys
     import polars as pl
 
     parts, infos = [], []
-    for path in paths:
+    for i, path in enumerate(paths, start=1):  # file 0 is the main file
         df, info = dnd_returns(params, tokenizer, 0.0, with_input, path=path)
         keys = info.pop("keys")
         overlap = keys & held_out_keys
         if overlap:
             gone = {hashlib.sha256(k.encode()).digest().hex()[:16] for k in overlap}
             df = df.filter(~pl.col("cluster").is_in(sorted(gone)))
-        parts.append(df.with_columns(pl.lit("train").alias("split")))
+        parts.append(df.with_columns(pl.lit("train").alias("split"), pl.lit(i).alias("source_file")))
         infos.append(info | {"rows": df.height, "dialogues_dropped_as_in_the_main_file": len(overlap)})
     extra = pl.concat(parts)
     return extra, {"files": infos, "rows": extra.height}
@@ -246,17 +251,18 @@ def fold_of(clusters: Any, k: int) -> Any:
 
 
 def cross_fit(df: Any, k: int, n_train: int, n_val: int, seed: int, eval_rows: int,
-              fit: Any, extra: Any = None) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]:
+              fit: Any, extra: Any = None, folds: Any = None) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]:
     """Scores every held-out row of ``k`` folds with models trained on the other folds.
 
     ``fit(train, val)`` returns ``(q, base_preds, run)`` for one fold. The pooled rows come back with each
     fold's first ``eval_rows`` (the Trainer's selection rows) first, so ``quality(..., k * eval_rows)``
     reports the margin on the never-evaluated rest as for one split. ``extra`` rows join every fold's training set.
+    ``folds`` (0..k-1 per row) replaces the hash of the cluster, e.g. one fold per corpus file.
     """
     import numpy as np
     import polars as pl
 
-    df = df.with_columns(pl.Series("fold", fold_of(df["cluster"].to_list(), k)))
+    df = df.with_columns(pl.Series("fold", fold_of(df["cluster"].to_list(), k) if folds is None else folds))
     parts, runs = [], []
     for f in range(k):
         tr, va = sample(df.with_columns(pl.when(pl.col("fold") == f).then(pl.lit("validation")).otherwise(pl.lit("train"))
@@ -500,6 +506,9 @@ def main() -> None:
     ap.add_argument("--dnd-hold-out-all", action="store_true",
                     help="with --dnd-extra-train: train on the extra files' rows only and hold out every row of the "
                          "main file (the corpus's own split, e.g. train on test.txt, score every val.txt dialogue)")
+    ap.add_argument("--dnd-folds-by-file", action="store_true",
+                    help="with --dnd-extra-train: the files are the folds; each file's rows are scored by a Q trained "
+                         "on the other files, pooled (the corpus's own split in both directions, in one run)")
     ap.add_argument("--world-per-strategy", type=int, default=40, help="conversations per scripted strategy")
     ap.add_argument("--world-logs", default=None,
                     help="conversation logs of the world to use instead of the scripted mix, e.g. the folder "
@@ -535,6 +544,10 @@ def main() -> None:
     if args.dnd_hold_out_all and (not args.dnd_extra_train or args.folds or args.precision == "measure"):
         ap.error("--dnd-hold-out-all trains on --dnd-extra-train rows only: give --dnd-extra-train, no --folds, "
                  "and --precision fp32 or bf16")
+    if args.dnd_folds_by_file and (not args.dnd_extra_train or args.folds or args.dnd_hold_out_all
+                                   or args.precision == "measure"):
+        ap.error("--dnd-folds-by-file makes the files the folds: give --dnd-extra-train, no --folds or "
+                 "--dnd-hold-out-all, and --precision fp32 or bf16")
 
     import torch
     from rich.console import Console
@@ -621,6 +634,14 @@ def main() -> None:
         if args.folds:
             va, q, base_preds, fold_runs = cross_fit(df, args.folds, n_train, n_val, args.seed, args.eval_rows, fit, extra)
             name, run = f"{task}_{prec}_cv{args.folds}{plus}", combine_runs(fold_runs)
+        elif extra is not None and args.dnd_folds_by_file:  # fold i = file i (0: the main file)
+            import polars as pl
+
+            df = pl.concat([df.with_columns(pl.lit(0).alias("source_file")), extra], how="diagonal_relaxed")
+            k = df["source_file"].max() + 1
+            va, q, base_preds, fold_runs = cross_fit(df, k, n_train, n_val, args.seed, args.eval_rows, fit,
+                                                     folds=df["source_file"].to_list())
+            name, run = f"{task}_{prec}_by_file{k}", combine_runs(fold_runs)
         elif extra is not None and args.dnd_hold_out_all:  # every main-file row held out, the extra rows train
             import polars as pl
 
@@ -634,8 +655,9 @@ def main() -> None:
             q, base_preds, run = fit(with_extra(tr, extra, args.seed), va)
             name = f"{task}_{prec}_{tr.height}{plus}"
         runs[name] = run
+        n_folds = va["fold"].n_unique() if "fold" in va.columns else 1
         tasks[name] = quality(va["outcome"].to_numpy(), va["G"].to_numpy(), q, base_preds,
-                              args.eval_rows * max(args.folds, 1), va["cluster"].to_numpy()) | {"rows_total": df.height, **info}
+                              args.eval_rows * n_folds, va["cluster"].to_numpy()) | {"rows_total": df.height, **info}
         preds.append(prediction_rows(name, va, q, base_preds))
         console.print(f"{name}: {tasks[name]['auc_q']:.3f} AUC ({time.perf_counter() - t_start:.0f}s elapsed)")
 

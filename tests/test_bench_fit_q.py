@@ -176,8 +176,28 @@ def test_cross_fitting_holds_out_every_conversation_once(tmp_path, tiny_model_di
     assert held_out.sort("conversation_id", "turn_index").select("conversation_id", "turn_index").equals(
         rows.sort("conversation_id", "turn_index").select("conversation_id", "turn_index"))
 
+    # --dnd-folds-by-file: the files are the folds; every row of both files is held out once, each file's rows by a
+    # Q trained on the other file (capped at --dnd-train-rows), and the margin is computed on the pooled rows.
+    proc = subprocess.run(single + ["--dnd-extra-train", str(extra), "--dnd-folds-by-file"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (name, task), = result["tasks"].items()
+    run = result["runs"][name]
+    assert name == "dnd_fp32_by_file2" and [f["train_rows"] for f in run["folds"]] == [min(24, n_extra), 24]
+    by_file = pl.read_parquet(out.with_suffix(".rows.parquet"))
+    assert by_file.height == task["rows_total"] == rows.height + n_extra == sum(f["val_rows"] for f in run["folds"])
+    assert by_file.select("conversation_id", "turn_index").is_unique().all()
+    from_extra = by_file["conversation_id"].str.starts_with("dnd-extra-")
+    assert (by_file.filter(from_extra)["fold"] == 1).all() and (by_file.filter(~from_extra)["fold"] == 0).all()
+    assert by_file.filter(from_extra).height == n_extra
+    assert task["unselected_rows"] == by_file.height - 2 * 8
+    lo, hi = task["auc_margin_ci95"]
+    assert lo <= task["auc_margin"] <= hi
+
     for bad, message in ((["--folds", "1"], "--folds 1"), (["--precision", "measure"], "fix the precision"),
-                         (["--dnd-hold-out-all"], "--dnd-hold-out-all trains on --dnd-extra-train rows only")):
+                         (["--dnd-hold-out-all"], "--dnd-hold-out-all trains on --dnd-extra-train rows only"),
+                         (["--dnd-extra-train", str(extra), "--dnd-folds-by-file"], "--dnd-folds-by-file makes the files")):
         proc = subprocess.run(cmd + bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr
 
