@@ -531,3 +531,31 @@ def test_probe_of_frozen_states_reads_out_every_held_out_row_and_caches_the_stat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert states.stat().st_mtime_ns == stamp
     assert json.loads(out.read_text())["readouts"]["logistic_all"]["auc_q"] == result["readouts"]["logistic_all"]["auc_q"]
+
+
+def test_world_log_acts_labels_each_suggestion_and_its_conversation_outcome():
+    """world_log_acts.act_table: every suggestion gets its own text's act (repeated texts included), and each act's
+    conversion is that of the conversations its rows belong to."""
+    import polars as pl
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from world_log_acts import act_table
+
+    class FirstWord:  # stands in for the world's featuriser: the act is the text's first word
+        def __call__(self, texts):
+            return [type("F", (), {"act": t.split()[0]})() for t in texts]
+
+    rows = [  # conversation, turn, suggestion, sent message, outcome of the turn
+        ("a", 0, "book a visit", "book a visit", 0), ("a", 1, "probe needs", "probe needs", 1),
+        ("b", 0, "book a visit", "greet hello", 0), ("b", 1, "greet hi", "greet hi", 0),
+        ("c", 0, "greet hi", "greet hi", 0), ("c", 1, "greet hi", None, 0),
+    ]
+    logs = pl.DataFrame(rows, schema=["conversation_id", "turn_index", "suggestion", "business_message", "outcome"],
+                        orient="row").with_columns(pl.lit("verbatim").alias("relation"))
+    table, info = act_table(logs, FirstWord())
+    by_act = {r["suggestion_act"]: r for r in table.iter_rows(named=True)}
+    assert info["conversations"] == 3 and info["conversions"] == 1 and info["rows"] == 6
+    assert {a: r["rows"] for a, r in by_act.items()} == {"book": 2, "probe": 1, "greet": 3}
+    assert by_act["book"]["conversion_of_their_conversations"] == 0.5  # a converted, b did not
+    assert by_act["probe"]["conversion_of_their_conversations"] == 1.0 and by_act["greet"]["conversion_of_their_conversations"] == 0.0
+    assert by_act["book"]["sent_as_suggested"] == 0.5 and by_act["probe"]["one_act_auc"] > 0.5 > by_act["greet"]["one_act_auc"]
