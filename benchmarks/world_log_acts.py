@@ -43,7 +43,12 @@ def act_table(logs: Any, featurizer: Any) -> tuple[Any, dict[str, Any]]:
                    for a in table["suggestion_act"].to_list()}
     table = table.with_columns(pl.Series("one_act_auc", [one_act_auc[a] for a in table["suggestion_act"].to_list()]))
     info = {"conversations": outcome.height, "conversions": int(outcome["converted"].sum()), "rows": rows.height,
-            "sent_by_relation": {r: n for r, n in rows.group_by("relation").len().iter_rows()}}
+            "sent_by_relation": {r: n for r, n in rows.group_by("relation").len().iter_rows()},
+            # Who wrote what was sent: per act of the sent message, how many were the suggestion as is, edited, or
+            # the business's own after a rejection.
+            "sent_act_by_relation": {a: dict(sorted(zip(g["relation"].to_list(), g["len"].to_list())))
+                                     for (a,), g in rows.filter(pl.col("sent_act").is_not_null())
+                                     .group_by("sent_act", "relation").len().group_by("sent_act")}}
     return table, info
 
 

@@ -559,3 +559,4 @@ def test_world_log_acts_labels_each_suggestion_and_its_conversation_outcome():
     assert by_act["book"]["conversion_of_their_conversations"] == 0.5  # a converted, b did not
     assert by_act["probe"]["conversion_of_their_conversations"] == 1.0 and by_act["greet"]["conversion_of_their_conversations"] == 0.0
     assert by_act["book"]["sent_as_suggested"] == 0.5 and by_act["probe"]["one_act_auc"] > 0.5 > by_act["greet"]["one_act_auc"]
+    assert info["sent_act_by_relation"] == {"book": {"verbatim": 1}, "probe": {"verbatim": 1}, "greet": {"verbatim": 3}}
