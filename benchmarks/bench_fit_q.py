@@ -268,8 +268,9 @@ def cross_fit(df: Any, k: int, n_train: int, n_val: int, seed: int, eval_rows: i
         tr, va = sample(df.with_columns(pl.when(pl.col("fold") == f).then(pl.lit("validation")).otherwise(pl.lit("train"))
                                         .alias("split")), n_train, n_val, seed)
         if va.height <= eval_rows or len(set(va["outcome"].to_list())) < 2:
-            raise SystemExit(f"--folds {k}: fold {f} holds {va.height} rows ({va['cluster'].n_unique()} conversations), "
-                             f"too few past --eval-rows {eval_rows} or one outcome only; use fewer folds")
+            hint = "use fewer folds" if folds is None else "fold = file: check that file's rows and outcomes"
+            raise SystemExit(f"fold {f} of {k} holds {va.height} rows ({va['cluster'].n_unique()} conversations), "
+                             f"too few past --eval-rows {eval_rows} or one outcome only; {hint}")
         q, base_preds, run = fit(with_extra(tr, extra, seed), va)
         parts.append((va, q, base_preds))
         runs.append(run)
@@ -544,6 +545,8 @@ def main() -> None:
     if args.dnd_hold_out_all and (not args.dnd_extra_train or args.folds or args.precision == "measure"):
         ap.error("--dnd-hold-out-all trains on --dnd-extra-train rows only: give --dnd-extra-train, no --folds, "
                  "and --precision fp32 or bf16")
+    if (args.dnd_extra_train or args.dnd_hold_out_all or args.dnd_folds_by_file) and "dnd" not in wanted:
+        ap.error("--dnd-extra-train, --dnd-hold-out-all and --dnd-folds-by-file apply to the dnd task: add it to --tasks")
     if args.dnd_folds_by_file and (not args.dnd_extra_train or args.folds or args.dnd_hold_out_all
                                    or args.precision == "measure"):
         ap.error("--dnd-folds-by-file makes the files the folds: give --dnd-extra-train, no --folds or "

@@ -11,8 +11,8 @@ a rerun costs seconds) and read out, on the same folds and with the same statist
 
 * ``ridge_G_probe_rows``: fit_q's probe as configured (ridge on G, ``fit_q.probe_init_rows`` rows, no intercept);
 * ``ridge_G_all``: the same ridge on every train row of the fold;
-* ``logistic_all``: logistic regression on the outcome (standardised states, C by 3-fold CV on the train rows,
-  class-balanced), the read-out TF-IDF's baseline uses;
+* ``logistic_all``: logistic regression on the outcome (standardised states, C by 3-fold CV over the train
+  rows' conversations, class-balanced), the read-out TF-IDF's baseline uses;
 * ``tfidf_state_only`` and ``tfidf_action_only``: the TF-IDF + LR baseline on one half of the text. Where the
   outcome lives matters for PPO: Q must rank *actions* in a state, so an outcome that only the state predicts
   gives the reward model nothing to rank with.
@@ -41,21 +41,25 @@ READOUTS = ("ridge_G_probe_rows", "ridge_G_all", "logistic_all", "tfidf_state_on
 def last_token_states(params: Any, base: Path, tokenizer: Any, df: Any, cache: Path, progress: bool = True) -> Any:
     """Frozen last-token states of every row's ``(s, a)`` as fit_q's Q reads it (cached in ``cache``), under bf16
     autocast on a CPU where fit_q's probe would use it (``fit_q.bf16``), else fp32."""
+    import hashlib
+
     import numpy as np
     import torch
 
     from pipeline_steps.common.base_model import bf16_autocast_pays
 
-    key = f"{df.height}:{df['conversation_id'][0]}:{df['conversation_id'][-1]}:{df['turn_index'].sum()}"
+    fq = params.fit_q.model_copy(update={"probe_init_rows": 0})
+    autocast = bf16_autocast_pays(fq.bf16) and not torch.cuda.is_available()
+    # The cache holds for the same model, precision and token ids (rows, prompt budget and action cut included).
+    from pipeline_steps.common.q_model import encode, hidden_ids
+
+    ids = [encode(tokenizer, s, a, fq.max_action_tokens) for s, a in zip(df["state_text"].to_list(), df["action_text"].to_list())]
+    key = hashlib.sha256(json.dumps([str(Path(base).resolve()), autocast, ids]).encode()).hexdigest()
     if cache.exists() and cache.with_suffix(".key").exists() and cache.with_suffix(".key").read_text() == key:
         return np.load(cache)
     from pipeline_steps import fit_q
-    from pipeline_steps.common.q_model import encode, hidden_ids
-
-    fq = params.fit_q.model_copy(update={"probe_init_rows": 0})
-    ids = [encode(tokenizer, s, a, fq.max_action_tokens) for s, a in zip(df["state_text"].to_list(), df["action_text"].to_list())]
     model, _ = fit_q.build_q_model(base, fq, tokenizer.pad_token_id, probe=None)  # LoRA starts at zero: the base model
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast_pays(fq.bf16) and not torch.cuda.is_available()):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         feats = hidden_ids(model, ids, tokenizer.pad_token_id, fq.eval_batch_size, progress)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, feats)
@@ -70,6 +74,7 @@ def readouts(feats: Any, tr: Any, va: Any, probe_rows: int, seed: int) -> dict[s
     import numpy as np
     import polars as pl
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -81,8 +86,9 @@ def readouts(feats: Any, tr: Any, va: Any, probe_rows: int, seed: int) -> dict[s
     take = sample_train(len(xtr), probe_rows, seed)
     out = {"ridge_G_probe_rows": RidgeCV(alphas=alphas, fit_intercept=False).fit(xtr[take], g[take]).predict(xva),
            "ridge_G_all": RidgeCV(alphas=alphas, fit_intercept=False).fit(xtr, g).predict(xva)}
-    logit = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 1, 11), cv=3, class_weight="balanced",
-                                                                 max_iter=3000, scoring="roc_auc"))
+    by_conversation = list(GroupKFold(3).split(xtr, y, tr["cluster"].to_numpy()))  # C chosen on whole conversations
+    logit = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 1, 11), cv=by_conversation,
+                                                                 class_weight="balanced", max_iter=3000, scoring="roc_auc"))
     with warnings.catch_warnings():  # scikit-learn's notices of its 1.10 defaults
         warnings.simplefilter("ignore", FutureWarning)
         out["logistic_all"] = logit.fit(xtr, y).predict_proba(xva)[:, 1]
@@ -126,6 +132,7 @@ def main() -> None:
     tokenizer = load_tokenizer(base)
     if args.tasks == "dnd":
         df, info = bench.dnd_returns(params, tokenizer, 0.3)
+        info.pop("keys")  # the dialogue keys (a set), for overlap checks only
     elif args.world_logs:
         df, info = bench.world_log_returns(params, tokenizer, args.world_logs)
     else:
@@ -137,16 +144,15 @@ def main() -> None:
     feat_s = time.perf_counter() - t_feat
     probe_rows = params.fit_q.probe_init_rows
 
-    extra_preds: list[dict[str, Any]] = []
-
     def fit(tr: Any, va: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        # The read-outs travel with the baselines, so that cross_fit pools every score in the same row order.
         preds = readouts(feats, tr, va, probe_rows, args.seed)
-        extra_preds.append(preds)
-        base_preds = {"tfidf_lr": bench.tfidf_baseline(tr, va), "turn_rate": bench.turn_rate_baseline(tr, va)}
-        return preds[READOUTS[0]], base_preds, {"train_rows": tr.height, "val_rows": va.height}
+        preds |= {"tfidf_lr": bench.tfidf_baseline(tr, va), "turn_rate": bench.turn_rate_baseline(tr, va)}
+        return preds[READOUTS[0]], preds, {"train_rows": tr.height, "val_rows": va.height}
 
-    va, _, base_preds, fold_runs = bench.cross_fit(df, args.folds, 10**9, 10**9, args.seed, 0, fit)
-    scores = {name: np.concatenate([p[name] for p in extra_preds]) for name in READOUTS}
+    va, _, pooled, fold_runs = bench.cross_fit(df, args.folds, 10**9, 10**9, args.seed, 0, fit)
+    scores = {name: pooled.pop(name) for name in READOUTS}
+    base_preds = pooled  # the two baselines
     y, g, clusters = va["outcome"].to_numpy(), va["G"].to_numpy(), va["cluster"].to_numpy()
     results = {name: bench.quality(y, g, scores[name], base_preds, 0, clusters) for name in READOUTS}
 

@@ -7,8 +7,8 @@ A companion to ``probe_q_features.py``: when neither Q nor the text baselines ra
 policy's behaviour vary in ways the world rewards at all? Each suggestion (the action Q scores) and each message
 the business sent is labelled with the world featuriser's dialogue act (MiniLM against the vertical's prototypes,
 as the simulated customer reads it). Printed and saved, per act of the suggestion: its share of the actions, the
-conversion rate of the conversations those rows belong to, how often the business sent it as suggested, and the
-ROC-AUC of "this row's suggestion is act X" for the final outcome (how far one act alone ranks outcomes).
+conversion rate of the conversations those rows belong to (row-weighted: a conversation counts once per such
+row), how often the business sent it verbatim (``relation``), and the ROC-AUC of "this row's suggestion is act X" for the final outcome (how far one act alone ranks outcomes).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def act_table(logs: Any, featurizer: Any) -> tuple[Any, dict[str, Any]]:
     y = rows["converted"].to_numpy()
     table = (rows.group_by("suggestion_act")
              .agg(pl.len().alias("rows"), pl.col("converted").mean().alias("conversion_of_their_conversations"),
-                  (pl.col("sent_act") == pl.col("suggestion_act")).mean().alias("sent_as_suggested"))
+                  (pl.col("relation") == "verbatim").mean().alias("sent_verbatim"))
              .with_columns((pl.col("rows") / rows.height).alias("share"))
              .sort("conversion_of_their_conversations", descending=True))
     one_act_auc = {a: float(roc_auc_score(y, (rows["suggestion_act"] == a).to_numpy())) if 0 < y.sum() < len(y) else None
@@ -76,12 +76,12 @@ def main() -> None:
 
     t = Table(title=f"Suggestion acts in {args.logs} ({info['conversations']} conversations, {info['conversions']} "
                     f"converted, {info['rows']} suggestions)")
-    for col in ("suggestion act", "share", "conversion of their conversations", "sent as suggested", "one-act AUC"):
+    for col in ("suggestion act", "share", "conversion of their conversations", "sent verbatim", "one-act AUC"):
         t.add_column(col, justify="right")
     for r in table.iter_rows(named=True):
         auc = "-" if r["one_act_auc"] is None else f"{r['one_act_auc']:.3f}"
         t.add_row(r["suggestion_act"], f"{r['share']:.1%}", f"{r['conversion_of_their_conversations']:.3f}",
-                  f"{r['sent_as_suggested']:.1%}", auc)
+                  f"{r['sent_verbatim']:.1%}", auc)
     Console(width=140).print(t)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -531,6 +531,11 @@ def test_probe_of_frozen_states_reads_out_every_held_out_row_and_caches_the_stat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert states.stat().st_mtime_ns == stamp
     assert json.loads(out.read_text())["readouts"]["logistic_all"]["auc_q"] == result["readouts"]["logistic_all"]["auc_q"]
+    # Other token ids (a longer prompt budget keeps more turns) are other states: the cache is not reused.
+    longer = [("400" if a == "96" else a) for a in cmd]
+    proc = subprocess.run(longer, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states.stat().st_mtime_ns != stamp
 
 
 def test_world_log_acts_labels_each_suggestion_and_its_conversation_outcome():
@@ -545,18 +550,20 @@ def test_world_log_acts_labels_each_suggestion_and_its_conversation_outcome():
         def __call__(self, texts):
             return [type("F", (), {"act": t.split()[0]})() for t in texts]
 
-    rows = [  # conversation, turn, suggestion, sent message, outcome of the turn
-        ("a", 0, "book a visit", "book a visit", 0), ("a", 1, "probe needs", "probe needs", 1),
-        ("b", 0, "book a visit", "greet hello", 0), ("b", 1, "greet hi", "greet hi", 0),
-        ("c", 0, "greet hi", "greet hi", 0), ("c", 1, "greet hi", None, 0),
+    rows = [  # conversation, turn, suggestion, sent message, relation, outcome of the turn
+        ("a", 0, "book a visit", "book a visit", "verbatim", 0), ("a", 1, "probe needs", "probe needs", "verbatim", 1),
+        ("b", 0, "book a visit", "greet hello", "rejected", 0), ("b", 1, "greet hi", "greet hi", "verbatim", 0),
+        ("c", 0, "greet hi", "greet hi there", "edited", 0), ("c", 1, "greet hi", None, "abstained", 0),
     ]
-    logs = pl.DataFrame(rows, schema=["conversation_id", "turn_index", "suggestion", "business_message", "outcome"],
-                        orient="row").with_columns(pl.lit("verbatim").alias("relation"))
+    logs = pl.DataFrame(rows, schema=["conversation_id", "turn_index", "suggestion", "business_message", "relation",
+                                      "outcome"], orient="row")
     table, info = act_table(logs, FirstWord())
     by_act = {r["suggestion_act"]: r for r in table.iter_rows(named=True)}
     assert info["conversations"] == 3 and info["conversions"] == 1 and info["rows"] == 6
     assert {a: r["rows"] for a, r in by_act.items()} == {"book": 2, "probe": 1, "greet": 3}
     assert by_act["book"]["conversion_of_their_conversations"] == 0.5  # a converted, b did not
     assert by_act["probe"]["conversion_of_their_conversations"] == 1.0 and by_act["greet"]["conversion_of_their_conversations"] == 0.0
-    assert by_act["book"]["sent_as_suggested"] == 0.5 and by_act["probe"]["one_act_auc"] > 0.5 > by_act["greet"]["one_act_auc"]
-    assert info["sent_act_by_relation"] == {"book": {"verbatim": 1}, "probe": {"verbatim": 1}, "greet": {"verbatim": 3}}
+    assert by_act["book"]["sent_verbatim"] == 0.5 and by_act["greet"]["sent_verbatim"] == 1 / 3
+    assert by_act["probe"]["one_act_auc"] > 0.5 > by_act["greet"]["one_act_auc"]
+    assert info["sent_act_by_relation"] == {"book": {"verbatim": 1}, "probe": {"verbatim": 1},
+                                            "greet": {"edited": 1, "rejected": 1, "verbatim": 1}}
