@@ -197,7 +197,8 @@ def test_cross_fitting_holds_out_every_conversation_once(tmp_path, tiny_model_di
 
     for bad, message in ((["--folds", "1"], "--folds 1"), (["--precision", "measure"], "fix the precision"),
                          (["--dnd-hold-out-all"], "--dnd-hold-out-all trains on --dnd-extra-train rows only"),
-                         (["--dnd-extra-train", str(extra), "--dnd-folds-by-file"], "--dnd-folds-by-file makes the files")):
+                         (["--dnd-extra-train", str(extra), "--dnd-folds-by-file"], "--dnd-folds-by-file makes the files"),
+                         (["--dnd-extra-train", str(extra), "--tasks", "world"], "apply to the dnd task")):
         proc = subprocess.run(cmd + bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr
 
