@@ -214,19 +214,27 @@ def world_returns(params: Any, tokenizer: Any, per_strategy: int) -> Any:
     return df, {"conversations": len(convs), "source": f"scripted mix {','.join(STRATEGIES)} x {per_strategy}"}
 
 
+def read_world_logs(logs: str) -> Any:
+    """The canonical records (Arrow) of conversation logs under the contract; any rejected record stops the bench."""
+    from pipeline_steps import ingest
+    from pipeline_steps.common.config import IngestParams
+
+    canon, rejects, _ = ingest.ingest(logs, IngestParams(format="auto"))
+    if rejects:
+        raise SystemExit(f"--world-logs {logs}: {len(rejects)} records rejected by ingest, first: {rejects[0]}")
+    return canon
+
+
 def world_log_returns(params: Any, tokenizer: Any, logs: str) -> Any:
     """Returns rows of conversation logs written by ``collect`` (or any logs under the contract), e.g. an LLM
     behaviour policy's, whose wording does not name a scripted strategy; split by the returns step's own hash."""
     import polars as pl
 
-    from pipeline_steps import ingest, returns
-    from pipeline_steps.common.config import IngestParams
+    from pipeline_steps import returns
     from pipeline_steps.common.contract import system_prompt_for
     from pipeline_steps.world.simulator import load_vertical
 
-    canon, rejects, _ = ingest.ingest(logs, IngestParams(format="auto"))
-    if rejects:
-        raise SystemExit(f"--world-logs {logs}: {len(rejects)} records rejected by ingest, first: {rejects[0]}")
+    canon = read_world_logs(logs)
     # The prompt as the returns step renders it (no World: its featuriser is not needed to read logs).
     table = returns.build_returns(pl.from_arrow(canon), params, tokenizer, system_prompt_for(load_vertical(params.world.vertical)))
     df = pl.from_arrow(table).with_columns(pl.col("conversation_id").alias("cluster"))

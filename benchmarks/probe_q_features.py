@@ -113,8 +113,6 @@ def main() -> None:
     if args.folds < 2:
         ap.error(f"--folds {args.folds}: at least 2 (every conversation held out once)")
 
-    import numpy as np
-    import polars as pl
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -173,8 +171,9 @@ def main() -> None:
            "seconds": time.perf_counter() - t0}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    pl.DataFrame({"conversation_id": va["conversation_id"], "turn_index": va["turn_index"], "fold": va["fold"],
-                  "outcome": y, "G": g, **scores, **base_preds}).write_parquet(out_path.with_suffix(".rows.parquet"))
+    # bench_fit_q's row format ("q" = fit_q's probe read-out), so its compare/pool scripts read these rows too.
+    bench.prediction_rows(f"{args.tasks}_probe_cv{args.folds}", va, scores[READOUTS[0]], {**scores, **base_preds}
+                          ).write_parquet(out_path.with_suffix(".rows.parquet"))
     console.print(f"wrote {out_path}")
 
 

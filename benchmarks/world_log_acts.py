@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def act_table(logs: Any, featurizer: Any) -> tuple[Any, dict[str, Any]]:
@@ -63,16 +64,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline_steps import ingest
-    from pipeline_steps.common.config import IngestParams, load_params
+    from bench_fit_q import read_world_logs
+    from pipeline_steps.common.config import load_params
     from pipeline_steps.world.featurizer import Featurizer
     from pipeline_steps.world.simulator import load_vertical
 
     params = load_params(args.params)
-    canon, rejects, _ = ingest.ingest(args.logs, IngestParams(format="auto"))
-    if rejects:
-        raise SystemExit(f"{args.logs}: {len(rejects)} records rejected by ingest, first: {rejects[0]}")
-    table, info = act_table(pl.from_arrow(canon), Featurizer(load_vertical(params.world.vertical)))
+    table, info = act_table(pl.from_arrow(read_world_logs(args.logs)), Featurizer(load_vertical(params.world.vertical)))
 
     t = Table(title=f"Suggestion acts in {args.logs} ({info['conversations']} conversations, {info['conversions']} "
                     f"converted, {info['rows']} suggestions)")
