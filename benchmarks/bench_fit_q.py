@@ -13,10 +13,10 @@
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --folds 3 \
         --dnd-train-rows 4000 --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3   # cross-fitted: 3 x ~20 min
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --dnd-train-rows 4000 \
-        --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3 --dnd-extra-train test.txt --dnd-hold-out-all \
+        --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3 --dnd-extra-train data/dealornodeal/test.txt --dnd-hold-out-all \
         --out A.json   # the corpus's split: trained on test.txt, every val.txt row held out; then the reverse, pooled
     .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --precision bf16 --tasks dnd --dnd-train-rows 4000 \
-        --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3 --dnd-extra-train test.txt --dnd-folds-by-file
+        --dnd-val-rows 4000 --eval-rows 128 --learning-rate 1e-3 --dnd-extra-train data/dealornodeal/test.txt --dnd-folds-by-file
         # the same in one run: each file scored by a Q trained on the other, pooled (~100 min on 2 cores)
     python benchmarks/bench_fit_q.py --threads 8 --tasks dnd --throughput-rows 1024 --dnd-train-rows 1024 \
         --dnd-val-rows 512 --eval-rows 128 --learning-rate 1e-3 --batch-size 32   # fp32 vs bf16 on a GPU: 83 s, H200
@@ -54,8 +54,8 @@ margin and its conversation-resampled CI use every dialogue. ``--*-train-rows`` 
 each fold's sample; the first ``--eval-rows`` held-out rows of each fold are the Trainer's selection rows.
 
 **More dialogues to train on** (``--dnd-extra-train FILE``, repeatable): rows of further files of the corpus
-(its ``test.txt``; ``../shared/data`` holds only ``val.txt``) join every training set, Q's and the baselines'
-alike, and are never held out; a dialogue also in the main file is dropped. With ``--dnd-hold-out-all`` they
+(its ``test.txt``, which ``fetch_dealornodeal.py`` downloads; ``../shared/data`` holds only ``val.txt``) join
+every training set, Q's and the baselines' alike, and are never held out; a dialogue also in the main file is dropped. With ``--dnd-hold-out-all`` they
 are the only training rows and every main-file row is held out: the corpus's own split, one model scoring
 every ``val.txt`` dialogue, paired row for row with a cross-fitted run by ``compare_bench_fit_q_rows.py --align``.
 ``--dnd-folds-by-file`` makes the files the folds: each file's rows are held out in turn and scored by a Q (and

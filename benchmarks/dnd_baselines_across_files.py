@@ -2,7 +2,7 @@
 corpus, trained within a file (cross-fitted by dialogue) against trained on the other file: does a baseline score
 higher on dialogues collected with its training dialogues? Seconds on a CPU: no Q is trained.
 
-    .venv/bin/python benchmarks/dnd_baselines_across_files.py ../shared/data/dealornodeal/val.txt test.txt
+    .venv/bin/python benchmarks/dnd_baselines_across_files.py ../shared/data/dealornodeal/val.txt data/dealornodeal/test.txt
 
 For each file, every row is held out once: ``within`` (K folds by dialogue, the others of the same file train),
 ``other file`` (the whole other file trains), ``within + other file`` (both). Rows are built exactly as
