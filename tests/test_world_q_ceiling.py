@@ -1,0 +1,101 @@
+"""benchmarks/world_q_ceiling.py: logged world conversations replay record for record, and the hidden-state oracle
+is cross-fitted on the folds of a bench_fit_q rows file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def world_logs(tmp_path_factory):
+    """300 conversations of two scripted strategies, written by collect (PII and all, as the world writes them)."""
+    from pipeline_steps import collect
+
+    root = tmp_path_factory.mktemp("ceiling")
+    logs = root / "raw"
+    for k, strategy in enumerate(("expert", "friendly_generic")):
+        collect.main(["--params", str(REPO / "params.yaml"), "--out", str(logs / strategy),
+                      "--summary", str(root / f"{strategy}.json"), "--no-mlflow", "--no-progress",
+                      "--policy", f"script:{strategy}", "--conversations", "150", "--seed", str(k)])
+    return logs
+
+
+def _rows_file(logs: Path, path: Path) -> Path:
+    """A rows file as bench_fit_q --folds 2 writes it: one row per suggestion, the conversation's outcome, folds by
+    conversation; Q and the baselines are noise here (the test is about the oracle's side)."""
+    import numpy as np
+    import polars as pl
+
+    import bench_fit_q as bench
+
+    canon = pl.from_arrow(bench.read_world_logs(str(logs)))
+    final = canon.group_by("conversation_id").agg(pl.col("outcome").max())
+    rows = (canon.filter(pl.col("suggestion").is_not_null()).select("conversation_id", "turn_index")
+            .join(final, on="conversation_id").sort("conversation_id", "turn_index"))
+    rng = np.random.default_rng(0)
+    rows = rows.with_columns(cluster=pl.col("conversation_id"),
+                             fold=pl.Series(bench.fold_of(rows["conversation_id"].to_list(), 2)),
+                             q=pl.Series(rng.random(rows.height)), tfidf_lr=pl.Series(rng.random(rows.height)),
+                             turn_rate=pl.Series(rng.random(rows.height)))
+    rows.write_parquet(path)
+    return path
+
+
+def test_replay_reproduces_every_logged_conversation_and_the_oracle_ranks_outcomes(world_logs, tmp_path):
+    import world_q_ceiling
+
+    rows = _rows_file(world_logs, tmp_path / "rows.parquet")
+    result = world_q_ceiling.main([str(world_logs), "--rows", str(rows), "--n-boot", "50",
+                                   "--out", str(tmp_path / "ceiling.json")])
+    assert result["replay"] == {"conversations": 300, "reproduced": 300, "ran_past_log": 0}
+    assert result["rows_compared"] == result["scored_rows"] and result["conversions_compared"] > 10
+    # Premature pitches never reach "understood"; the expert's customers do: the hidden state ranks outcomes well,
+    # while the noise columns stand at chance.
+    assert result["auc"]["oracle_hidden_state"] > 0.7 > 0.6 > result["auc"]["q"]
+    assert result["paired"]["oracle_hidden_state - q"]["ci95"][0] > 0
+    assert set(result["single_feature_auc"]) <= set(result["features"]["hidden_state"])
+    assert (tmp_path / "ceiling.json").exists()
+
+
+def test_a_conversation_that_does_not_replay_as_logged_is_left_out(world_logs, tmp_path):
+    import polars as pl
+
+    import world_q_ceiling
+
+    raw = pl.read_parquet(sorted(world_logs.rglob("*.parquet")))
+    first = raw.sort("conversation_id", "turn_index").row(0, named=True)
+    edited = raw.with_columns(pl.when((pl.col("conversation_id") == first["conversation_id"]) & (pl.col("turn_index") == 2))
+                              .then(pl.lit("A different customer message.")).otherwise(pl.col("customer_message"))
+                              .alias("customer_message"))
+    logs = tmp_path / "edited"
+    logs.mkdir()
+    edited.write_parquet(logs / "part-0.parquet")
+    rows = _rows_file(logs, tmp_path / "rows.parquet")
+    result = world_q_ceiling.ceiling(str(logs), str(rows), str(REPO / "params.yaml"), n_boot=20)
+    assert result["replay"]["reproduced"] == 299
+    dropped = pl.read_parquet(rows).filter(pl.col("conversation_id") == first["conversation_id"]).height
+    assert result["rows_compared"] == result["scored_rows"] - dropped
+
+
+def test_rows_of_other_logs_and_logs_not_of_the_world_are_refused(world_logs, tmp_path):
+    import polars as pl
+
+    import world_q_ceiling
+
+    rows = _rows_file(world_logs, tmp_path / "rows.parquet")
+    frame = pl.read_parquet(rows)
+    frame.with_columns(turn_index=pl.when(pl.int_range(pl.len()) == 0).then(99).otherwise(pl.col("turn_index"))
+                       ).write_parquet(tmp_path / "other.parquet")
+    with pytest.raises(SystemExit, match=r"1 scored rows have no logged suggestion .*turn 99\): the rows are of other logs"):
+        world_q_ceiling.ceiling(str(world_logs), str(tmp_path / "other.parquet"), str(REPO / "params.yaml"), n_boot=20)
+    frame.drop("fold").write_parquet(tmp_path / "single.parquet")
+    with pytest.raises(SystemExit, match=r"no column\(s\) \['fold'\]"):
+        world_q_ceiling.ceiling(str(world_logs), str(tmp_path / "single.parquet"), str(REPO / "params.yaml"), n_boot=20)
+    with pytest.raises(SystemExit, match="conversation_id 'chat-17': not an id the world wrote"):
+        world_q_ceiling.world_ids(["c1-000001", "chat-17"])
