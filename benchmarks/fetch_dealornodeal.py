@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
@@ -58,42 +59,66 @@ def fetch(name: str, dest_dir: Path, sha256: str | None = None, base_url: str = 
     """Write ``dest_dir/name`` if its download has the pinned digest; ``(path, downloaded)``. Safe to rerun."""
     if Path(name).name != name or name in ("", ".", ".."):
         raise FetchError(f"{name!r}: a file name of {CORPUS_DIR}/ is expected (no folders)")
-    expected = (sha256 or PINNED_SHA256.get(name) or "").lower()
+    pinned = PINNED_SHA256.get(name) if commit == COMMIT else None
+    given = sha256.lower() if sha256 else None
+    if given and pinned and given != pinned:
+        raise FetchError(f"{name}: --sha256 {given} is not the pinned {pinned} of this commit")
+    expected = given or pinned
     if not expected:
-        raise FetchError(f"{name}: no pinned sha256 (pinned: {sorted(PINNED_SHA256)}); pass --sha256 HEX to fetch "
-                         "another file of the corpus, so that nothing unchecked is written")
+        raise FetchError(f"{name}: no pinned sha256 at commit {commit} (pinned: {sorted(PINNED_SHA256)} at {COMMIT}); "
+                         "pass --sha256 HEX to fetch it, so that nothing unchecked is written")
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         raise FetchError(f"{name}: --sha256 {expected!r} is not 64 hex digits")
-    dest = Path(dest_dir) / name
+    dest_dir = Path(dest_dir)
+    dest = dest_dir / name
     if dest.exists():
         got = file_sha256(dest)
         if got == expected:
             return dest, False
         raise FetchError(f"{dest}: already there with sha256 {got}, not the pinned {expected}; it is left as it is "
                          "(move it away to fetch the pinned file)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = not dest_dir.exists()
+    dest_dir.mkdir(parents=True, exist_ok=True)
     url = file_url(name, base_url, commit)
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (https or a mirror)
-                    for block in iter(lambda: response.read(CHUNK), b""):
-                        digest.update(block)
-                        out.write(block)
+                response = urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 (https, or a mirror)
             except urllib.error.HTTPError as exc:
                 raise FetchError(f"{name}: {url} answered HTTP {exc.code} {exc.reason}") from exc
-            except (urllib.error.URLError, OSError) as exc:
+            except (urllib.error.URLError, http.client.HTTPException, ValueError, OSError) as exc:
                 raise FetchError(f"{name}: {url} could not be read: {exc}") from exc
+            with response:
+                while True:
+                    try:
+                        block = response.read(CHUNK)
+                    except (http.client.HTTPException, OSError) as exc:
+                        raise FetchError(f"{name}: reading {url} failed after {out.tell():,} bytes: {exc}") from exc
+                    if not block:
+                        break
+                    digest.update(block)
+                    try:
+                        out.write(block)
+                    except OSError as exc:
+                        raise FetchError(f"{name}: writing {tmp} failed: {exc}") from exc
         got = digest.hexdigest()
         if got != expected:
             raise FetchError(f"{name}: the download from {url} has sha256 {got}, not the pinned {expected}; "
                              "nothing was written")
-        os.replace(tmp, dest)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
+        try:
+            os.link(tmp, dest)  # unlike a rename, fails if the file appeared meanwhile: nothing is overwritten
+        except FileExistsError as exc:
+            raise FetchError(f"{dest}: appeared while downloading; it is left as it is") from exc
     finally:
         tmp.unlink(missing_ok=True)
+        if created and not dest.exists() and not any(dest_dir.iterdir()):
+            dest_dir.rmdir()  # a failed first fetch leaves no empty folder behind
     return dest, True
 
 

@@ -1,7 +1,8 @@
 """Pools ``bench_fit_q.py`` runs that held out *disjoint* rows into one held-out set: the folds of a cross-fit run
 as separate commands, e.g. the Deal-or-No-Deal corpus's two files, each scored by a Q trained on the other.
 
-    IPPO_DND_FILE=data/dealornodeal/test.txt .venv/bin/python benchmarks/bench_fit_q.py ... --dnd-extra-train val.txt --dnd-hold-out-all \
+    IPPO_DND_FILE=data/dealornodeal/test.txt .venv/bin/python benchmarks/bench_fit_q.py ... \
+        --dnd-extra-train ../shared/data/dealornodeal/val.txt --dnd-hold-out-all \
         --out B.json                                     # train on val.txt, score every test.txt row
     .venv/bin/python benchmarks/pool_bench_fit_q_rows.py A.rows.parquet B.rows.parquet   # A: the reverse
 

@@ -23,6 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def label_acts(texts: list[str | None], featurizer: Any) -> dict[str, str]:
+    """The world featuriser's dialogue act of each distinct text (labelled once; None, an abstention, is skipped)."""
+    distinct = [t for t in dict.fromkeys(texts) if t is not None]
+    return dict(zip(distinct, (f.act for f in featurizer(distinct))))
+
+
 def act_table(logs: Any, featurizer: Any) -> tuple[Any, dict[str, Any]]:
     """Per suggestion act: rows, share, conversion of their conversations, sent as suggested, one-act AUC."""
     import polars as pl
@@ -30,8 +36,7 @@ def act_table(logs: Any, featurizer: Any) -> tuple[Any, dict[str, Any]]:
 
     outcome = logs.group_by("conversation_id").agg(pl.col("outcome").max().alias("converted"))
     rows = logs.filter(pl.col("suggestion").is_not_null()).join(outcome, on="conversation_id")
-    texts = list(dict.fromkeys(rows["suggestion"].to_list() + [m for m in rows["business_message"].to_list() if m is not None]))
-    acts = dict(zip(texts, (f.act for f in featurizer(texts))))  # each distinct text labelled once
+    acts = label_acts(rows["suggestion"].to_list() + rows["business_message"].to_list(), featurizer)
     rows = rows.with_columns(pl.Series("suggestion_act", [acts[t] for t in rows["suggestion"].to_list()]),
                              pl.Series("sent_act", [acts.get(m) for m in rows["business_message"].to_list()]))
     y = rows["converted"].to_numpy()

@@ -1,31 +1,39 @@
-"""How well could any Q rank the outcomes of these logs? Replay them in the world and read its hidden customer state.
+"""How well does the world's hidden customer state rank the outcomes of these logs? Replay them and read it.
 
     .venv/bin/python benchmarks/world_q_ceiling.py benchmarks/results/bench_fit_q_world_logs_gpu/explore_logs_2048 \
-        --rows benchmarks/results/bench_fit_q_world_logs_gpu/world_explore_2048_cv2.rows.parquet \
-        --out benchmarks/results/bench_fit_q_world_logs_gpu/world_q_ceiling_cv2.json
+        --rows benchmarks/results/bench_fit_q_world_logs_gpu/world_explore_2048_cv2.rows.parquet --train-rows 3000 \
+        --out benchmarks/results/bench_fit_q_world_logs_gpu/world_q_ceiling_cv2.json    # Q's rows: 4 min on 2 cores
+    (the same without --train-rows, every other-fold row: world_q_ceiling_cv2_all_rows.json)
 
 A companion to ``probe_q_features.py`` and ``world_log_acts.py``. Q, TF-IDF + LR and the turn rate see only the
 text. The world also knows each customer's hidden state (needs revealed against needs required, trust, annoyance,
-patience, readiness, persona), which the text only hints at. This script gives Q's comparison a ceiling.
+patience, readiness, persona), which the text only hints at. This script puts a hidden-state model beside Q.
 
 1. **Replay.** Every logged conversation is run again in the world, with the same seed and index (read from its
    id, ``c<seed>-<index>``, as ``collect`` writes it), the logged suggestion at each turn, and the logged
-   behaviour. The world's random streams belong to each conversation, so a faithful replay writes the logged
-   conversation again, record for record. A conversation counts as reproduced only if every customer message,
-   business message, relation and outcome matches. The hidden state is read just before each suggestion: the
-   state ``s_i`` that Q scores with the action ``a_i``.
-2. **Oracles.** Logistic regressions on standardised features are cross-fitted with the folds of a
-   ``bench_fit_q.py`` rows file (``--rows``), on the rows of reproduced conversations. One sees the hidden state.
-   The other also sees the world's dialogue act of the suggestion (how the customer would read it). They train
-   on every other-fold row of the scored set, so they get at least the rows Q got. A linear model, because a
-   few dozen converting conversations per fold are all there is to learn from: gradient-boosted trees on the
-   same features fitted the training rows at AUC 0.98 and scored 0.57-0.65 held out, below the linear model.
-3. **The table.** ROC-AUC for the final outcome, all on the same rows: the oracles, Q, TF-IDF + LR and the turn
-   rate, with paired 95% CIs that resample whole conversations.
+   behaviour. The logs are read as ``collect`` wrote them (Parquet, before ingest redacts PII), so the world gets
+   the very texts it got. The world's random streams belong to each conversation, so a faithful replay writes
+   the logged conversation again: a conversation counts as reproduced only if every customer message, suggestion,
+   business message, relation and outcome is equal, and the others are listed. The hidden state is read just
+   before each suggestion: the state ``s_i`` that Q scores with the action ``a_i``.
+2. **Hidden-state models**, cross-fitted with the folds of a ``bench_fit_q.py`` rows file (``--rows``), on the rows
+   of reproduced conversations, each fold's model trained on the other folds' rows (``--train-rows`` caps them,
+   as ``bench_fit_q.py --world-train-rows`` capped Q's):
+   * a logistic regression on the hidden state (C chosen over whole conversations, as ``probe_q_features.py``
+     chooses it);
+   * the same with the world's dialogue act of the suggestion (how the customer reads it);
+   * the same with the act's products with ``understood``, ``trust``, ``needs_left`` and ``annoyance`` too: the
+     world's rules gate what an act does on that state (a booking converts only once the needs are understood);
+   * gradient-boosted trees on the same features (early stopping), which may find other interactions but
+     overfit when few conversations convert.
+   These are models that can be fitted from this many rows, not upper bounds: the world's conversion rule is
+   not linear, and some state that the text does show (which needs, the last acts) is not among the features.
+3. **The table.** ROC-AUC for the final outcome, all on the same rows: the hidden-state models, Q, TF-IDF + LR
+   and the turn rate, with paired 95% CIs that resample whole conversations; and each hidden variable alone.
 
-If even the hidden state ranks the outcomes poorly, the outcome is mostly chance given the state, and no reward
-model can do much better on logs of this size. If the oracle ranks well and Q does not, Q's input or training is
-what falls short.
+If the hidden state ranks the outcomes poorly too, most of the outcome is chance given the state, and no reward
+model can do much better on logs of this size. If it ranks well and Q does not, Q's input or training is what
+falls short.
 """
 
 from __future__ import annotations
@@ -43,10 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fit_q as bench  # noqa: E402
 
-WORLD_ID_RE = re.compile(r"^c(\d+)-(\d+)$")
+WORLD_ID_RE = re.compile(r"^c(\d+)-(\d+)$")  # World.new_conversations' default id_prefix "c", as collect runs it
 HIDDEN_STATE = ("revealed", "required", "needs_left", "understood", "trust", "annoyance", "patience", "readiness",
                 "proposals", "friendly_count", "pending_question", "ready_cue_given", "likes_emoji", "max_words")
+GATES = ("understood", "trust", "needs_left", "annoyance")  # the state an act's effect depends on in the world's rules
 COMPARED = ("tfidf_lr", "turn_rate", "q")
+REPLAYED = ("turn_index", "outcome", "relation", "customer_message", "suggestion", "business_message")
+SEES = {"hidden_state": "the world's hidden customer state (logistic)",
+        "hidden_state_and_act": "hidden state + the suggestion's act (logistic)",
+        "hidden_state_and_act_gated": "hidden state + the act + act x state products (logistic)",
+        "hidden_state_and_act_trees": "the same features (gradient-boosted trees)",
+        "q": "text (bench_fit_q's Q)", "tfidf_lr": "text (1-2 grams)", "turn_rate": "turn index"}
 
 
 def world_ids(conversation_ids: list[str]) -> dict[str, tuple[int, int]]:
@@ -61,6 +76,21 @@ def world_ids(conversation_ids: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def read_collected_logs(logs: str) -> Any:
+    """The Parquet files ``collect`` wrote under ``logs``, as written: the world's own texts, PII included (ingest
+    would redact the phone numbers and addresses the world's customers and suggestions contain)."""
+    import polars as pl
+
+    files = sorted(Path(logs).rglob("*.parquet"))
+    if not files:
+        raise SystemExit(f"{logs}: no Parquet files: the folder collect wrote is expected")
+    frame = pl.concat([pl.read_parquet(f, hive_partitioning=False) for f in files], how="diagonal_relaxed")
+    missing = [c for c in ("conversation_id", *REPLAYED, "behaviour") if c not in frame.columns]
+    if missing:
+        raise SystemExit(f"{logs}: no column(s) {missing}: not conversation logs under the contract")
+    return frame
+
+
 def hidden_state(customer: Any, personas: list[str]) -> dict[str, float]:
     cu = customer
     row = {"revealed": len(cu.revealed), "required": cu.required, "needs_left": max(0, cu.required - len(cu.revealed)),
@@ -72,19 +102,10 @@ def hidden_state(customer: Any, personas: list[str]) -> dict[str, float]:
     return row
 
 
-def _as_ingested(record: dict[str, Any]) -> tuple[Any, ...]:
-    """The fields a replay must reproduce, with the texts PII-redacted as ingest redacts the logs it reads (the
-    world's customers give a phone number or an e-mail address when they convert)."""
-    from pipeline_steps.ingest import redact_text
-
-    texts = tuple(None if record[f] is None else redact_text(record[f])
-                  for f in ("customer_message", "suggestion", "business_message"))
-    return (record["turn_index"], record["outcome"], record["relation"], *texts)
-
-
 def replay(logs: Any, world: Any) -> tuple[Any, dict[str, Any]]:
-    """Each logged conversation run again with its logged suggestions. Returns one row per logged suggestion with
-    the hidden state before it and ``reproduced`` (the whole conversation came out as logged), and counts."""
+    """Each logged conversation run again with its logged suggestions. Returns one row per logged turn the replay
+    reached, with the hidden state before its suggestion and ``reproduced`` (the whole conversation came out as
+    logged, field for field), and the counts with the ids of the conversations that did not."""
     import polars as pl
 
     from pipeline_steps.common.policies import Suggestion
@@ -92,8 +113,7 @@ def replay(logs: Any, world: Any) -> tuple[Any, dict[str, Any]]:
     logs = logs.sort("conversation_id", "turn_index")
     ids = world_ids(logs["conversation_id"].unique().to_list())
     logged: dict[str, list[dict[str, Any]]] = {}
-    for rec in logs.select("conversation_id", "turn_index", "customer_message", "outcome", "suggestion",
-                           "business_message", "relation", "behaviour").iter_rows(named=True):
+    for rec in logs.select("conversation_id", *REPLAYED, "behaviour").iter_rows(named=True):
         logged.setdefault(rec["conversation_id"], []).append(rec)
     personas = list(world.params.personas)
     start = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)  # the clock does not drive the dynamics
@@ -104,142 +124,169 @@ def replay(logs: Any, world: Any) -> tuple[Any, dict[str, Any]]:
         active = [cv for cv in convs if not cv.done]
         if not active:
             break
-        suggestions = []
+        stepping = []
         for cv in active:
             turn = cv.records[-1]["turn_index"]
             recs = logged[cv.conversation_id]
             if turn > len(recs) or recs[turn - 1]["turn_index"] != turn:
                 ran_past_log.add(cv.conversation_id)  # the replay went on where the log had ended
-                suggestions.append(None)
+                cv.done = True
                 continue
             states[(cv.conversation_id, turn)] = hidden_state(cv.customer, personas)
             rec = recs[turn - 1]
-            behaviour = json.loads(rec["behaviour"]) if rec["behaviour"] else None
-            suggestions.append(Suggestion(rec["suggestion"], behaviour))
-        for cv, s in zip(active, suggestions):
-            if s is None:
-                cv.done = True
-        stepping = [(cv, s) for cv, s in zip(active, suggestions) if s is not None]
+            stepping.append((cv, Suggestion(rec["suggestion"], json.loads(rec["behaviour"]) if rec["behaviour"] else None)))
         if stepping:
-            world.step([cv for cv, _ in stepping], [s for _, s in stepping], "replay", "0", "control")
-    reproduced = {cv.conversation_id for cv in convs if cv.conversation_id not in ran_past_log
-                  and [_as_ingested(r) for r in cv.records] == [_as_ingested(r) for r in logged[cv.conversation_id]]}
-    rows = [{"conversation_id": cid, "turn_index": turn, "reproduced": cid in reproduced, **state}
+            world.step([cv for cv, _ in stepping], [sug for _, sug in stepping], "replay", "0", "control")
+    differ = sorted(cv.conversation_id for cv in convs if cv.conversation_id in ran_past_log
+                    or [tuple(r[f] for f in REPLAYED) for r in cv.records]
+                    != [tuple(r[f] for f in REPLAYED) for r in logged[cv.conversation_id]])
+    rows = [{"conversation_id": cid, "turn_index": turn, "reproduced": cid not in set(differ), **state}
             for (cid, turn), state in states.items()]
-    return pl.DataFrame(rows), {"conversations": len(convs), "reproduced": len(reproduced),
-                                "ran_past_log": len(ran_past_log)}
+    return pl.DataFrame(rows), {"conversations": len(convs), "reproduced": len(convs) - len(differ),
+                                "ran_past_log": len(ran_past_log), "not_reproduced": differ}
 
 
 def suggestion_acts(logs: Any, featurizer: Any) -> Any:
-    """The world's dialogue act of each logged suggestion (None for an abstention), one featuriser call per text."""
+    """The world's dialogue act of each logged suggestion (abstentions have no row)."""
     import polars as pl
 
+    from world_log_acts import label_acts
+
     rows = logs.filter(pl.col("suggestion").is_not_null())
-    texts = list(dict.fromkeys(rows["suggestion"].to_list()))
-    acts = dict(zip(texts, (f.act for f in featurizer(texts))))
+    acts = label_acts(rows["suggestion"].to_list(), featurizer)
     return rows.select("conversation_id", "turn_index", pl.col("suggestion").replace_strict(acts).alias("act"))
 
 
-def cross_fit_oracle(frame: Any, features: list[str]) -> Any:
-    """Held-out P(outcome) of a logistic regression on standardised features, fold by fold, each trained on the
-    other folds' rows."""
+def read_rows(rows_path: str) -> Any:
+    """A ``bench_fit_q.py --folds K`` rows file; any other stops the script before the replay."""
+    import polars as pl
+
+    scored = pl.read_parquet(rows_path)
+    missing = [c for c in ("conversation_id", "turn_index", "outcome", "fold", "cluster", *COMPARED) if c not in scored.columns]
+    if missing:
+        raise SystemExit(f"--rows {rows_path}: no column(s) {missing}: a bench_fit_q.py --folds K rows file is expected")
+    if scored["fold"].null_count():
+        raise SystemExit(f"--rows {rows_path}: {scored['fold'].null_count()} rows without a fold (a single-split run): "
+                         "cross-fitting needs a --folds K run")
+    return scored
+
+
+def cross_fit(frame: Any, features: list[str], model: str, train_rows: int | None, seed: int) -> tuple[Any, float]:
+    """Held-out P(outcome) of each fold's model trained on (up to ``train_rows`` of) the other folds' rows; and the
+    mean AUC of the models on their own training rows (how far they fit what they saw)."""
+    import warnings
+
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from probe_q_features import logistic_by_conversation
 
     x, y, fold = frame.select(features).to_numpy().astype(float), frame["outcome"].to_numpy(), frame["fold"].to_numpy()
-    out = np.full(frame.height, np.nan)
+    clusters = frame["cluster"].to_numpy()
+    out, fit_aucs = np.full(frame.height, np.nan), []
     for f in np.unique(fold):
-        train, held = fold != f, fold == f
+        train, held = np.flatnonzero(fold != f), fold == f
+        if train_rows is not None and train_rows < len(train):
+            train = np.sort(np.random.default_rng(seed + int(f)).choice(train, train_rows, replace=False))
         if len(np.unique(y[train])) < 2:
-            raise SystemExit(f"fold {f}: the other folds' rows hold one outcome class only: no oracle can be fitted")
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
-        out[held] = model.fit(x[train], y[train]).predict_proba(x[held])[:, 1]
-    return out
+            raise SystemExit(f"fold {f}: the other folds' rows hold one outcome class only: no model can be fitted")
+        est = (logistic_by_conversation(clusters[train]) if model == "logistic" else
+               HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_depth=3, min_samples_leaf=100,
+                                              early_stopping=True, random_state=seed))
+        with warnings.catch_warnings():  # scikit-learn's notices of its 1.10 defaults
+            warnings.simplefilter("ignore", FutureWarning)
+            est.fit(x[train], y[train])
+        out[held] = est.predict_proba(x[held])[:, 1]
+        fit_aucs.append(bench.auc(y[train], est.predict_proba(x[train])[:, 1]))
+    return out, float(np.mean(fit_aucs))
 
 
-def ceiling(logs_dir: str, rows_path: str, params_path: str = "params.yaml", n_boot: int = 1000) -> dict[str, Any]:
-    import numpy as np
+def ceiling(logs_dir: str, rows_path: str, params_path: str = "params.yaml", n_boot: int = 1000,
+            train_rows: int | None = None, seed: int = 0) -> dict[str, Any]:
     import polars as pl
 
     from pipeline_steps.common.config import load_params
     from pipeline_steps.world.simulator import World
 
     t0 = time.perf_counter()
+    scored = read_rows(rows_path)
     params = load_params(params_path)
-    logs = pl.from_arrow(bench.read_world_logs(logs_dir))
-    world = World(params.world)
-    states, counts = replay(logs, world)
-    acts = suggestion_acts(logs, world.featurizer)
-    scored = pl.read_parquet(rows_path)
-    missing = [c for c in ("conversation_id", "turn_index", "outcome", "fold", "cluster", *COMPARED) if c not in scored.columns]
-    if missing:
-        raise SystemExit(f"--rows {rows_path}: no column(s) {missing}: a bench_fit_q.py --folds K rows file is expected")
-    if scored["fold"].null_count():
-        raise SystemExit(f"--rows {rows_path}: rows without a fold (a single-split run): cross-fitting needs --folds K")
-    unmatched = scored.join(acts, on=["conversation_id", "turn_index"], how="anti")
+    logs = read_collected_logs(logs_dir)
+    unmatched = scored.join(logs.filter(pl.col("suggestion").is_not_null()), on=["conversation_id", "turn_index"], how="anti")
     if unmatched.height:
         r = unmatched.row(0, named=True)
         raise SystemExit(f"--rows {rows_path}: {unmatched.height} scored rows have no logged suggestion in {logs_dir}, "
                          f"first ({r['conversation_id']!r}, turn {r['turn_index']}): the rows are of other logs")
+    world = World(params.world)
+    states, counts = replay(logs, world)
+    acts = suggestion_acts(logs, world.featurizer)
     # A conversation whose replay ended early has no state for its later turns: it is not reproduced either way.
     frame = (scored.join(states, on=["conversation_id", "turn_index"], how="left")
              .filter(pl.col("reproduced").fill_null(False)).join(acts, on=["conversation_id", "turn_index"], how="left"))
     act_names = sorted(a for a in frame["act"].unique().to_list() if a is not None)
     frame = frame.with_columns([(pl.col("act") == a).fill_null(False).cast(pl.Float64).alias(f"act_{a}") for a in act_names])
+    frame = frame.with_columns([(pl.col(f"act_{a}") * pl.col(g)).alias(f"act_{a}_x_{g}") for a in act_names for g in GATES])
     persona_cols = [c for c in frame.columns if c.startswith("persona_")]
     state_features = [*HIDDEN_STATE, *persona_cols, "turn_index"]
-    preds = {"oracle_hidden_state": cross_fit_oracle(frame, state_features),
-             "oracle_hidden_state_and_act": cross_fit_oracle(frame, [*state_features, *(f"act_{a}" for a in act_names)])}
+    act_features = [f"act_{a}" for a in act_names]
+    gated = act_features + [f"act_{a}_x_{g}" for a in act_names for g in GATES]
+    preds, fit_auc = {}, {}
+    for name, features, model in (("hidden_state", state_features, "logistic"),
+                                  ("hidden_state_and_act", state_features + act_features, "logistic"),
+                                  ("hidden_state_and_act_gated", state_features + gated, "logistic"),
+                                  ("hidden_state_and_act_trees", state_features + gated, "trees")):
+        preds[name], fit_auc[name] = cross_fit(frame, features, model, train_rows, seed)
     preds.update({name: frame[name].to_numpy() for name in COMPARED})
     y, clusters = frame["outcome"].to_numpy(), frame["cluster"].to_numpy()
     aucs = {name: bench.auc(y, p) for name, p in preds.items()}
+    pairs = [(a, b) for a in ("hidden_state", "hidden_state_and_act") for b in ("q", "tfidf_lr")]
+    pairs += [("hidden_state_and_act", "hidden_state"), ("hidden_state_and_act_gated", "hidden_state"),
+              ("hidden_state_and_act_trees", "hidden_state")]
     vs = {}
-    for a in ("oracle_hidden_state", "oracle_hidden_state_and_act"):
-        for b in ("q", "tfidf_lr"):
-            lo, hi = bench.paired_auc_diff_ci(y, preds[a], preds[b], clusters, n_boot=n_boot)
-            vs[f"{a} - {b}"] = {"diff": aucs[a] - aucs[b], "ci95": [lo, hi]}
-    lo, hi = bench.paired_auc_diff_ci(y, preds["oracle_hidden_state_and_act"], preds["oracle_hidden_state"], clusters,
-                                      n_boot=n_boot)
-    vs["oracle_hidden_state_and_act - oracle_hidden_state"] = {
-        "diff": aucs["oracle_hidden_state_and_act"] - aucs["oracle_hidden_state"], "ci95": [lo, hi]}
+    for a, b in pairs:
+        lo, hi = bench.paired_auc_diff_ci(y, preds[a], preds[b], clusters, n_boot=n_boot)
+        vs[f"{a} - {b}"] = {"diff": aucs[a] - aucs[b], "ci95": [lo, hi]}
     # One hidden variable at a time (below 0.5: more of it, less conversion).
     single = {name: bench.auc(y, frame[name].to_numpy()) for name in state_features if frame[name].n_unique() > 1}
-    return {"logs": logs_dir, "rows": rows_path, "replay": counts, "scored_rows": scored.height,
-            "rows_compared": frame.height, "conversations_compared": int(frame["conversation_id"].n_unique()),
+    per_fold = frame.group_by("fold").agg(pl.len().alias("rows"), pl.col("conversation_id").n_unique().alias("conversations"),
+                                          pl.col("conversation_id").filter(pl.col("outcome") == 1).n_unique().alias("converted"))
+    return {"logs": logs_dir, "rows": rows_path, "params": params_path, "train_rows_per_fold": train_rows, "seed": seed,
+            "replay": counts, "scored_rows": scored.height, "rows_compared": frame.height,
+            "conversations_compared": int(frame["conversation_id"].n_unique()),
             "conversions_compared": int(frame.group_by("conversation_id").agg(pl.col("outcome").max())["outcome"].sum()),
-            "folds": sorted(int(f) for f in np.unique(frame["fold"].to_numpy())), "auc": aucs, "paired": vs,
+            "folds": per_fold.sort("fold").to_dicts(), "auc": aucs, "fit_auc_on_training_rows": fit_auc, "paired": vs,
             "single_feature_auc": dict(sorted(single.items(), key=lambda kv: -abs(kv[1] - 0.5))),
-            "features": {"hidden_state": state_features, "acts": act_names}, "seconds": time.perf_counter() - t0}
+            "features": {"hidden_state": state_features, "acts": act_names, "gates": list(GATES)},
+            "seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("logs", help="conversation logs the world wrote (a folder collect wrote)")
+    ap.add_argument("logs", help="conversation logs the world wrote (the folder collect wrote)")
     ap.add_argument("--rows", required=True, help="a bench_fit_q.py --folds K rows file scored on these logs")
     ap.add_argument("--params", default="params.yaml", help="params.yaml whose world wrote the logs")
+    ap.add_argument("--train-rows", type=int, default=None,
+                    help="cap each fold's training rows (bench_fit_q's --world-train-rows); default: every other-fold row")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--out", default=None, help="JSON to write (default: print only)")
     args = ap.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
-    result = ceiling(args.logs, args.rows, args.params, args.n_boot)
+    result = ceiling(args.logs, args.rows, args.params, args.n_boot, args.train_rows, args.seed)
     rp = result["replay"]
-    console = Console()
-    console.print(f"replayed {rp['conversations']} conversations: {rp['reproduced']} reproduced record for record; "
-                  f"compared on {result['rows_compared']} of {result['scored_rows']} scored rows "
-                  f"({result['conversations_compared']} conversations, {result['conversions_compared']} converted)")
-    table = Table(title="ROC-AUC for the final outcome, same held-out rows (cross-fitted, folds of --rows)")
-    table.add_column("scorer")
-    table.add_column("sees")
-    table.add_column("AUC", justify="right")
-    sees = {"oracle_hidden_state": "the world's hidden customer state", "oracle_hidden_state_and_act":
-            "hidden state + the suggestion's dialogue act", "q": "text (bench_fit_q's Q)",
-            "tfidf_lr": "text (1-2 grams)", "turn_rate": "turn index"}
+    console = Console(width=140)
+    console.print(f"replayed {rp['conversations']} conversations: {rp['reproduced']} reproduced record for record "
+                  f"(not: {', '.join(rp['not_reproduced']) or 'none'}); compared on {result['rows_compared']} of "
+                  f"{result['scored_rows']} scored rows ({result['conversations_compared']} conversations, "
+                  f"{result['conversions_compared']} converted; per fold {result['folds']})")
+    table = Table(title="ROC-AUC for the final outcome, same held-out rows (cross-fitted on the folds of --rows)")
+    for col in ("scorer", "sees", "AUC held out", "AUC on its training rows"):
+        table.add_column(col, justify="left" if col in ("scorer", "sees") else "right")
     for name, value in sorted(result["auc"].items(), key=lambda kv: -kv[1]):
-        table.add_row(name, sees[name], f"{value:.3f}")
+        fit = result["fit_auc_on_training_rows"].get(name)
+        table.add_row(name, SEES[name], f"{value:.3f}", "" if fit is None else f"{fit:.3f}")
     console.print(table)
     for name, d in result["paired"].items():
         console.print(f"{name}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (conversations resampled)")

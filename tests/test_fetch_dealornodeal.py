@@ -63,6 +63,7 @@ def test_fetch_writes_a_file_with_the_pinned_digest_and_a_rerun_downloads_nothin
     dest_dir = tmp_path / "data" / "dealornodeal"
     path, downloaded = fetch_dnd.fetch("test.txt", dest_dir, base_url=mirror.url)
     assert downloaded and path == dest_dir / "test.txt" and path.read_bytes() == BODY
+    assert path.stat().st_mode & 0o044  # readable by others as umask allows, not mkstemp's 0600
     assert mirror.requests == [f"/mirror/{fetch_dnd.COMMIT}/src/data/negotiate/test.txt"]
     # Idempotent: the file with the right digest is kept and the server is not asked again.
     assert fetch_dnd.fetch("test.txt", dest_dir, base_url=mirror.url) == (path, False)
@@ -73,19 +74,21 @@ def test_fetch_writes_a_file_with_the_pinned_digest_and_a_rerun_downloads_nothin
 def test_a_download_with_another_digest_writes_nothing(mirror, tmp_path):
     mirror.put("test.txt", BODY)  # not the real test.txt: its digest differs from the pinned one
     dest_dir = tmp_path / "out"
+    dest_dir.mkdir()
     with pytest.raises(fetch_dnd.FetchError, match=r"test.txt: the download from .* has sha256 .*not the pinned "
                                                     + fetch_dnd.PINNED_SHA256["test.txt"]):
         fetch_dnd.fetch("test.txt", dest_dir, base_url=mirror.url)
-    assert list(dest_dir.iterdir()) == []
+    assert list(dest_dir.iterdir()) == []  # neither test.txt nor the temporary .part file
 
 
-def test_an_existing_file_with_another_digest_is_never_overwritten(mirror, tmp_path):
+def test_an_existing_file_with_another_digest_is_never_overwritten(mirror, tmp_path, monkeypatch):
     mirror.put("test.txt", BODY)
+    monkeypatch.setitem(fetch_dnd.PINNED_SHA256, "test.txt", _sha(BODY))
     dest_dir = tmp_path / "out"
     dest_dir.mkdir()
     (dest_dir / "test.txt").write_bytes(b"my own edits\n")
     with pytest.raises(fetch_dnd.FetchError, match="already there with sha256 .* left as it is"):
-        fetch_dnd.fetch("test.txt", dest_dir, sha256=_sha(BODY), base_url=mirror.url)
+        fetch_dnd.fetch("test.txt", dest_dir, base_url=mirror.url)
     assert (dest_dir / "test.txt").read_bytes() == b"my own edits\n" and mirror.requests == []
 
 
@@ -98,7 +101,12 @@ def test_unpinned_files_need_a_digest_and_missing_files_name_the_address(mirror,
     assert downloaded and path.read_bytes() == BODY * 3
     with pytest.raises(fetch_dnd.FetchError, match=r"valid.txt: http://127.0.0.1:\d+/mirror/.*/valid.txt answered HTTP 404"):
         fetch_dnd.fetch("valid.txt", tmp_path / "out", sha256=_sha(BODY), base_url=mirror.url)
-    assert not (tmp_path / "out" / "valid.txt").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["train.txt"]  # no valid.txt, no .part file
+    with pytest.raises(fetch_dnd.FetchError, match="is not the pinned"):  # a pinned file's digest is not overridden
+        fetch_dnd.fetch("test.txt", tmp_path / "out", sha256=_sha(BODY), base_url=mirror.url)
+    with pytest.raises(fetch_dnd.FetchError, match="could not be read"):
+        fetch_dnd.fetch("train.txt", tmp_path / "other", sha256=_sha(BODY), base_url="no-scheme/mirror")
+    assert not (tmp_path / "other").exists()  # a failed first fetch leaves no empty folder
     with pytest.raises(fetch_dnd.FetchError, match="not 64 hex digits"):
         fetch_dnd.fetch("valid.txt", tmp_path / "out", sha256="abc", base_url=mirror.url)
     with pytest.raises(fetch_dnd.FetchError, match="no folders"):
