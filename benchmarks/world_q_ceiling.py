@@ -102,10 +102,14 @@ def hidden_state(customer: Any, personas: list[str]) -> dict[str, float]:
     return row
 
 
-def replay(logs: Any, world: Any) -> tuple[Any, dict[str, Any]]:
+def replay(logs: Any, world: Any, snapshot: set[tuple[str, int]] | None = None) -> tuple[Any, dict[str, Any]]:
     """Each logged conversation run again with its logged suggestions. Returns one row per logged turn the replay
     reached, with the hidden state before its suggestion and ``reproduced`` (the whole conversation came out as
-    logged, field for field), and the counts with the ids of the conversations that did not."""
+    logged, field for field), and the counts with the ids of the conversations that did not. With ``snapshot``
+    ((conversation_id, turn_index) keys), ``counts["snapshots"]`` holds a deep copy of each such conversation just
+    before that turn's suggestion, to branch from."""
+    import copy
+
     import polars as pl
 
     from pipeline_steps.common.policies import Suggestion
@@ -119,6 +123,7 @@ def replay(logs: Any, world: Any) -> tuple[Any, dict[str, Any]]:
     start = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)  # the clock does not drive the dynamics
     convs = [world.new_conversations(seed, k, 1, start)[0] for cid, (seed, k) in sorted(ids.items())]
     states: dict[tuple[str, int], dict[str, float]] = {}
+    snapshots: dict[tuple[str, int], Any] = {}
     ran_past_log: set[str] = set()
     while True:
         active = [cv for cv in convs if not cv.done]
@@ -133,6 +138,8 @@ def replay(logs: Any, world: Any) -> tuple[Any, dict[str, Any]]:
                 cv.done = True
                 continue
             states[(cv.conversation_id, turn)] = hidden_state(cv.customer, personas)
+            if snapshot and (cv.conversation_id, turn) in snapshot:
+                snapshots[(cv.conversation_id, turn)] = copy.deepcopy(cv)
             rec = recs[turn - 1]
             stepping.append((cv, Suggestion(rec["suggestion"], json.loads(rec["behaviour"]) if rec["behaviour"] else None)))
         if stepping:
@@ -142,8 +149,11 @@ def replay(logs: Any, world: Any) -> tuple[Any, dict[str, Any]]:
                     != [tuple(r[f] for f in REPLAYED) for r in logged[cv.conversation_id]])
     rows = [{"conversation_id": cid, "turn_index": turn, "reproduced": cid not in set(differ), **state}
             for (cid, turn), state in states.items()]
-    return pl.DataFrame(rows), {"conversations": len(convs), "reproduced": len(convs) - len(differ),
-                                "ran_past_log": len(ran_past_log), "not_reproduced": differ}
+    counts = {"conversations": len(convs), "reproduced": len(convs) - len(differ), "ran_past_log": len(ran_past_log),
+              "not_reproduced": differ}
+    if snapshot is not None:
+        counts["snapshots"] = snapshots
+    return pl.DataFrame(rows), counts
 
 
 def suggestion_acts(logs: Any, featurizer: Any) -> Any:

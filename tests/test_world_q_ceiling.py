@@ -133,3 +133,39 @@ def test_rows_of_other_logs_and_logs_not_of_the_world_are_refused(world_logs, tm
         world_q_ceiling.ceiling(str(world_logs), str(tmp_path / "single.parquet"), str(REPO / "params.yaml"), n_boot=20)
     with pytest.raises(SystemExit, match="conversation_id 'chat-17': not an id the world wrote"):
         world_q_ceiling.world_ids(["c1-000001", "chat-17"])
+
+
+def test_branching_replays_give_each_candidate_the_same_futures(world_logs, tmp_path):
+    """world_action_values: every candidate's rollout r draws the same random stream (so one text sent under two
+    names converts identically), the snapshot is left as it was, and the summary covers every drawn state."""
+    import numpy as np
+    import polars as pl
+
+    import world_action_values as av
+    import world_q_ceiling
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.world.scripted import ScriptedPolicy
+    from pipeline_steps.world.simulator import World
+
+    logs = world_q_ceiling.read_collected_logs(str(world_logs))
+    world = World(load_params(str(REPO / "params.yaml")).world)
+    key = tuple(logs.filter(pl.col("turn_index") == 2).sort("conversation_id").select("conversation_id", "turn_index").row(0))
+    _, counts = world_q_ceiling.replay(logs, world, snapshot={key})
+    snap = counts["snapshots"][key]
+    before = len(snap.records)
+    book = world.vertical["business_templates"]["book"][0]
+    out = av.rollouts(world, snap, {"a": book, "b": book, "none": None}, 16, ScriptedPolicy("abstain", world.vertical),
+                      seed=0, state_index=0)
+    conv = out["converted"]
+    assert out["names"] == ["a", "b", "none"] and conv.shape == (3, 16)
+    assert np.array_equal(conv[0], conv[1])
+    assert len(snap.records) == before and not snap.done
+
+    result = av.main([str(world_logs), "--params", str(REPO / "params.yaml"), "--states", "12", "--rollouts", "4",
+                      "--no-progress", "--out", str(tmp_path / "av.json")])
+    assert result["states"] == 12 and {"logged", "expert", "no_suggestion", "book", "probe"} <= set(result["candidates"])
+    summary = result["summary"]
+    assert summary["all"]["states"] == sum(summary[g]["states"] for g in summary if g != "all")
+    assert all(0.0 <= r[f"q_{n}"] <= 1.0 for r in result["per_state"] for n in result["candidates"])
+    with pytest.raises(SystemExit, match="an even number"):
+        av.action_values(str(world_logs), str(REPO / "params.yaml"), n_states=2, n_rollouts=3)

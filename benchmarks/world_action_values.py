@@ -1,0 +1,202 @@
+"""How much does one suggestion change the outcome? The world's true Q(s, a) at logged states, by branching replays.
+
+    .venv/bin/python benchmarks/world_action_values.py benchmarks/results/bench_fit_q_world_logs_gpu/explore_logs_2048 \
+        --states 400 --rollouts 32 --out benchmarks/results/bench_fit_q_world_logs_gpu/world_action_values.json
+
+A companion to ``world_q_ceiling.py``. There, the world's hidden state ranks the outcomes of an LLM policy's logs
+at only 0.68-0.70 AUC, and the suggestion's act adds at most 0.01. But an AUC over logged rows mixes the value of
+the state with the value of the action, and PPO climbs only the second: ``Q(s, a) - V(s)``, the difference between
+actions in one state. The world can measure that difference directly.
+
+1. The logs are replayed as ``world_q_ceiling.replay`` does (every conversation with its seed, index and logged
+   suggestions), and ``--states`` decision points of reproduced conversations are drawn at random (seeded). Each is
+   a deep copy of the conversation just before the suggestion: the hidden customer included.
+2. At each, every candidate suggestion is sent ``--rollouts`` times: one template of each of the vertical's dialogue
+   acts, the scripted expert's suggestion for that state, the logged suggestion, and no suggestion (the business
+   writes its own). After it, the conversation goes on with ``--continuation`` until it ends (default ``abstain``:
+   the business's own habitual messages, as before any SR agent). Rollout ``r`` of every candidate draws from the
+   same random stream (common random numbers), so the candidates are compared on the same futures.
+3. ``Q(s, a)`` is the share of rollouts that convert. Reported: the mean over states of each candidate's Q, also by
+   whether the customer's needs are already understood, with 95% CIs over states; and the gain of the best single
+   action over the logged one, with the best chosen on half of the rollouts and scored on the other half (a
+   maximum over noisy estimates would overstate it).
+
+The mean gain of the best action at one turn is the most a one-step policy improvement (Theorem 1: what PPO on a
+perfect Q could reach in one iteration, with this continuation) adds per turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LOGGED, EXPERT, NO_SUGGESTION = "logged", "expert", "no_suggestion"
+
+
+def candidate_suggestions(vertical: dict[str, Any], expert_text: str | None, logged_text: str | None) -> dict[str, str | None]:
+    """One template per dialogue act of the vertical (the first; ``tailored_book`` needs the customer's terms, which
+    the expert fills in), the expert's suggestion, the logged one, and none."""
+    out: dict[str, str | None] = {act: texts[0] for act, texts in vertical["business_templates"].items()
+                                  if act != "tailored_book"}
+    out.update({EXPERT: expert_text, LOGGED: logged_text, NO_SUGGESTION: None})
+    return out
+
+
+def rollouts(world: Any, snapshot: Any, candidates: dict[str, str | None], n: int, continuation: Any,
+             seed: int, state_index: int) -> dict[str, Any]:
+    """Conversion of each candidate over ``n`` rollouts from one snapshot (a (candidate, rollout) array of 0/1)."""
+    import copy
+
+    import numpy as np
+
+    from pipeline_steps.common.policies import Suggestion
+
+    names = list(candidates)
+    convs, first = [], []
+    for name in names:
+        for r in range(n):
+            cv = copy.deepcopy(snapshot)
+            cv.rng = np.random.default_rng([seed, state_index, r])  # rollout r: the same stream for every candidate
+            convs.append(cv)
+            first.append(Suggestion(candidates[name]))
+    world.step(convs, first, "branch", "0", "control")
+    keys = [f"{snapshot.conversation_id}/{r}" for _ in names for r in range(n)]
+    while True:
+        active = [i for i, cv in enumerate(convs) if not cv.done]
+        if not active:
+            break
+        suggestions = continuation.suggest([convs[i].history for i in active], [keys[i] for i in active])
+        world.step([convs[i] for i in active], suggestions, "continuation", "0", "control")
+    converted = np.array([cv.converted for cv in convs], dtype=float).reshape(len(names), n)
+    return {"names": names, "converted": converted}
+
+
+def mean_ci(values: Any, seed: int = 0) -> list[float]:
+    """The mean and its 95% bootstrap CI over states (scipy.stats.bootstrap, percentile)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or np.all(values == values[0]):
+        return [float(values.mean()), float(values.mean()), float(values.mean())]
+    ci = bootstrap((values,), np.mean, n_resamples=2000, method="percentile", random_state=seed).confidence_interval
+    return [float(values.mean()), float(ci.low), float(ci.high)]
+
+
+def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int = 400, n_rollouts: int = 32,
+                  continuation_name: str = "abstain", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    import numpy as np
+    import polars as pl
+    from tqdm import tqdm
+
+    import world_q_ceiling as ceiling
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.world.scripted import ScriptedPolicy
+    from pipeline_steps.world.simulator import World
+
+    if n_rollouts < 2 or n_rollouts % 2:
+        raise SystemExit(f"--rollouts {n_rollouts}: an even number >= 2 (the best action is chosen on half of them)")
+    t0 = time.perf_counter()
+    params = load_params(params_path)
+    logs = ceiling.read_collected_logs(logs_dir)
+    decisions = logs.filter(pl.col("suggestion").is_not_null()).select("conversation_id", "turn_index").sort(
+        "conversation_id", "turn_index")
+    if decisions.height == 0:
+        raise SystemExit(f"{logs_dir}: no logged suggestion to branch from")
+    drawn = decisions.sample(min(n_states, decisions.height), seed=seed, shuffle=True)
+    keys = set(drawn.iter_rows())
+    world = World(params.world)
+    states, counts = ceiling.replay(logs, world, snapshot=keys)
+    snapshots = counts.pop("snapshots")
+    reproduced = set(states.filter(pl.col("reproduced"))["conversation_id"].to_list())
+    chosen = [k for k in drawn.iter_rows() if k[0] in reproduced and k in snapshots]
+    expert = ScriptedPolicy("expert", world.vertical, seed=seed)
+    continuation = ScriptedPolicy(continuation_name, world.vertical, seed=seed)
+    logged_text = {(r["conversation_id"], r["turn_index"]): r["suggestion"]
+                   for r in logs.select("conversation_id", "turn_index", "suggestion").iter_rows(named=True)}
+    state_of = {(r["conversation_id"], r["turn_index"]): r for r in states.iter_rows(named=True)}
+    per_state, names = [], None
+    for i, key in enumerate(tqdm(chosen, desc="branching", unit="state", disable=not progress)):
+        snap = snapshots[key]
+        expert_text = expert.suggest([snap.history], [snap.conversation_id])[0].text
+        out = rollouts(world, snap, candidate_suggestions(world.vertical, expert_text, logged_text[key]), n_rollouts,
+                       continuation, seed, i)
+        names = out["names"]
+        conv = out["converted"]
+        q = conv.mean(axis=1)
+        a, b = conv[:, 0::2].mean(axis=1), conv[:, 1::2].mean(axis=1)  # best chosen on one half, scored on the other
+        logged = names.index(LOGGED)
+        best_cv = 0.5 * ((b[int(np.argmax(a))] - b[logged]) + (a[int(np.argmax(b))] - a[logged]))
+        s = state_of[key]
+        per_state.append({"conversation_id": key[0], "turn_index": key[1], "understood": bool(s["understood"]),
+                          "needs_left": s["needs_left"], "trust": s["trust"], "annoyance": s["annoyance"],
+                          "best": names[int(np.argmax(q))], "best_gain_over_logged_cv": float(best_cv),
+                          **{f"q_{n}": float(v) for n, v in zip(names, q)}})
+    if not per_state:
+        raise SystemExit(f"{logs_dir}: none of the drawn decision points belongs to a reproduced conversation")
+    frame = pl.DataFrame(per_state)
+    summary = {}
+    for group, sub in (("all", frame), ("needs understood", frame.filter(pl.col("understood"))),
+                       ("needs not yet understood", frame.filter(~pl.col("understood")))):
+        if sub.height == 0:
+            continue
+        summary[group] = {"states": sub.height,
+                          "q": {n: mean_ci(sub[f"q_{n}"].to_numpy(), seed) for n in names},
+                          "best_gain_over_logged_cv": mean_ci(sub["best_gain_over_logged_cv"].to_numpy(), seed),
+                          "best_action_share": {n: c / sub.height for n, c in sub.group_by("best").len().iter_rows()}}
+    return {"logs": logs_dir, "params": params_path, "continuation": continuation_name, "rollouts": n_rollouts,
+            "states_drawn": drawn.height, "states": frame.height, "seed": seed,
+            "replay": {k: v for k, v in counts.items()}, "candidates": names, "summary": summary,
+            "per_state": per_state, "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("logs", help="conversation logs the world wrote (the folder collect wrote)")
+    ap.add_argument("--params", default="params.yaml", help="params.yaml whose world wrote the logs")
+    ap.add_argument("--states", type=int, default=400, help="decision points to branch from (drawn at random)")
+    ap.add_argument("--rollouts", type=int, default=32, help="rollouts per candidate and state (even)")
+    ap.add_argument("--continuation", default="abstain",
+                    help="scripted strategy that writes the suggestions after the branch (abstain: the business's own)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON to write (default: print only)")
+    args = ap.parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline_steps.world.scripted import STRATEGIES
+
+    if args.continuation not in STRATEGIES:
+        ap.error(f"--continuation {args.continuation!r}: one of {', '.join(STRATEGIES)}")
+    result = action_values(args.logs, args.params, args.states, args.rollouts, args.continuation, args.seed,
+                           progress=not args.no_progress)
+    console = Console(width=140)
+    groups = list(result["summary"])
+    table = Table(title=f"Q(s, a): conversion after one suggestion, then '{result['continuation']}' "
+                        f"({result['rollouts']} rollouts per state and candidate; mean over states [95% CI])")
+    table.add_column("suggestion")
+    for g in groups:
+        table.add_column(f"{g} ({result['summary'][g]['states']} states)", justify="right")
+    by_all = result["summary"][groups[0]]["q"]
+    for name in sorted(result["candidates"], key=lambda n: -by_all[n][0]):
+        table.add_row(name, *(f"{result['summary'][g]['q'][name][0]:.3f} [{result['summary'][g]['q'][name][1]:.3f}, "
+                              f"{result['summary'][g]['q'][name][2]:.3f}]" for g in groups))
+    table.add_row("best at this state - logged (cross-validated)", *(
+        "{:+.3f} [{:+.3f}, {:+.3f}]".format(*result["summary"][g]["best_gain_over_logged_cv"]) for g in groups))
+    console.print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
