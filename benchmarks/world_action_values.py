@@ -14,15 +14,17 @@ actions in one state. The world can measure that difference directly.
 2. At each, every candidate suggestion is sent ``--rollouts`` times: one template of each of the vertical's dialogue
    acts, the scripted expert's suggestion for that state, the logged suggestion, and no suggestion (the business
    writes its own). After it, the conversation goes on with ``--continuation`` until it ends (default ``abstain``:
-   the business's own habitual messages, as before any SR agent). Rollout ``r`` of every candidate draws from the
-   same random stream (common random numbers), so the candidates are compared on the same futures.
-3. ``Q(s, a)`` is the share of rollouts that convert. Reported: the mean over states of each candidate's Q, also by
-   whether the customer's needs are already understood, with 95% CIs over states; and the gain of the best single
-   action over the logged one, with the best chosen on half of the rollouts and scored on the other half (a
-   maximum over noisy estimates would overstate it).
+   the business's own habitual messages, as before any SR agent). Rollout ``r`` of every candidate starts from the
+   same random seed (common random numbers; the streams part as soon as two candidates draw differently).
+3. ``Q(s, a)`` is the share of rollouts that convert: Q under the continuation, not under the policy that wrote
+   the logs. Reported: the mean over states of each candidate's Q, also by whether the customer's needs are already
+   understood, with 95% CIs over states; the gain of the best single action over the logged one, with the best
+   chosen on half of the rollouts and scored on the other half (a maximum over noisy estimates would overstate it;
+   ties go to the logged suggestion); and how many logged decisions had each (understood, call to action) pair,
+   the coverage a Q fitted on these logs had to learn from.
 
-The mean gain of the best action at one turn is the most a one-step policy improvement (Theorem 1: what PPO on a
-perfect Q could reach in one iteration, with this continuation) adds per turn.
+The gain of the best action is a conservative estimate of what changing one suggestion, and only that one, adds
+under this continuation: the room a one-step policy improvement (Theorem 1) has at these states.
 """
 
 from __future__ import annotations
@@ -75,7 +77,24 @@ def rollouts(world: Any, snapshot: Any, candidates: dict[str, str | None], n: in
         suggestions = continuation.suggest([convs[i].history for i in active], [keys[i] for i in active])
         world.step([convs[i] for i in active], suggestions, "continuation", "0", "control")
     converted = np.array([cv.converted for cv in convs], dtype=float).reshape(len(names), n)
-    return {"names": names, "converted": converted}
+    return {"names": names, "converted": converted, "conversations": convs}
+
+
+def best_choice(q: Any, names: list[str]) -> int:
+    """Index of the highest value; among ties the logged suggestion if it is one of them, else the first."""
+    import numpy as np
+
+    tied = np.flatnonzero(q == q.max())
+    logged = names.index(LOGGED)
+    return logged if logged in tied else int(tied[0])
+
+
+def cross_validated_gain(converted: Any, names: list[str]) -> float:
+    """Gain of the best candidate over the logged one, the best chosen on even rollouts and scored on odd ones and
+    the reverse, averaged: a choice scored on the outcomes that chose it would overstate the gain."""
+    a, b = converted[:, 0::2].mean(axis=1), converted[:, 1::2].mean(axis=1)
+    logged = names.index(LOGGED)
+    return float(0.5 * ((b[best_choice(a, names)] - b[logged]) + (a[best_choice(b, names)] - a[logged])))
 
 
 def mean_ci(values: Any, seed: int = 0) -> list[float]:
@@ -129,16 +148,21 @@ def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int
         out = rollouts(world, snap, candidate_suggestions(world.vertical, expert_text, logged_text[key]), n_rollouts,
                        continuation, seed, i)
         names = out["names"]
-        conv = out["converted"]
-        q = conv.mean(axis=1)
-        a, b = conv[:, 0::2].mean(axis=1), conv[:, 1::2].mean(axis=1)  # best chosen on one half, scored on the other
-        logged = names.index(LOGGED)
-        best_cv = 0.5 * ((b[int(np.argmax(a))] - b[logged]) + (a[int(np.argmax(b))] - a[logged]))
+        q = out["converted"].mean(axis=1)
+        tied = [names[j] for j in np.flatnonzero(q == q.max())]
         s = state_of[key]
         per_state.append({"conversation_id": key[0], "turn_index": key[1], "understood": bool(s["understood"]),
                           "needs_left": s["needs_left"], "trust": s["trust"], "annoyance": s["annoyance"],
-                          "best": names[int(np.argmax(q))], "best_gain_over_logged_cv": float(best_cv),
+                          "best": tied, "best_gain_over_logged_cv": cross_validated_gain(out["converted"], names),
                           **{f"q_{n}": float(v) for n, v in zip(names, q)}})
+    cta = set(world.vertical["call_to_action_acts"])
+    acts = ceiling.suggestion_acts(logs, world.featurizer)
+    coverage = (states.join(acts, on=["conversation_id", "turn_index"])
+                .join(logs.group_by("conversation_id").agg(pl.col("outcome").max().alias("converted")), on="conversation_id")
+                .group_by(pl.col("understood").cast(pl.Boolean), pl.col("act").is_in(list(cta)).alias("call_to_action"))
+                .agg(pl.len().alias("logged_decisions"), pl.col("conversation_id").n_unique().alias("conversations"),
+                     pl.col("converted").mean().alias("conversion_of_their_conversations"))
+                .sort("understood", "call_to_action"))
     if not per_state:
         raise SystemExit(f"{logs_dir}: none of the drawn decision points belongs to a reproduced conversation")
     frame = pl.DataFrame(per_state)
@@ -150,9 +174,12 @@ def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int
         summary[group] = {"states": sub.height,
                           "q": {n: mean_ci(sub[f"q_{n}"].to_numpy(), seed) for n in names},
                           "best_gain_over_logged_cv": mean_ci(sub["best_gain_over_logged_cv"].to_numpy(), seed),
-                          "best_action_share": {n: c / sub.height for n, c in sub.group_by("best").len().iter_rows()}}
+                          # each state's best candidates, ties sharing the state equally
+                          "best_action_share": {n: sum(n in b and 1 / len(b) for b in sub["best"].to_list()) / sub.height
+                                                for n in names}}
     return {"logs": logs_dir, "params": params_path, "continuation": continuation_name, "rollouts": n_rollouts,
-            "states_drawn": drawn.height, "states": frame.height, "seed": seed,
+            "states_drawn": drawn.height, "states": frame.height, "state_conversations": int(frame["conversation_id"].n_unique()),
+            "seed": seed, "logged_coverage": coverage.to_dicts(),
             "replay": {k: v for k, v in counts.items()}, "candidates": names, "summary": summary,
             "per_state": per_state, "seconds": time.perf_counter() - t0}
 
@@ -192,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table.add_row("best at this state - logged (cross-validated)", *(
         "{:+.3f} [{:+.3f}, {:+.3f}]".format(*result["summary"][g]["best_gain_over_logged_cv"]) for g in groups))
     console.print(table)
+    console.print(f"{result['states']} states from {result['state_conversations']} conversations; the logs' decisions by "
+                  f"(needs understood, call to action): {result['logged_coverage']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -135,10 +135,10 @@ def test_rows_of_other_logs_and_logs_not_of_the_world_are_refused(world_logs, tm
         world_q_ceiling.world_ids(["c1-000001", "chat-17"])
 
 
-def test_branching_replays_give_each_candidate_the_same_futures(world_logs, tmp_path):
-    """world_action_values: every candidate's rollout r draws the same random stream (so one text sent under two
-    names converts identically), the snapshot is left as it was, and the summary covers every drawn state."""
-    import numpy as np
+def test_branching_replays_start_every_candidate_from_the_same_state_and_seeds(world_logs, tmp_path):
+    """world_action_values: the snapshot is the conversation just before the logged turn's suggestion; rollout r of
+    every candidate starts from the same seed (one text sent under two names gives the same conversations, record
+    for record, while rollouts differ); the snapshot is left as it was; every drawn state is summarised."""
     import polars as pl
 
     import world_action_values as av
@@ -150,22 +150,43 @@ def test_branching_replays_give_each_candidate_the_same_futures(world_logs, tmp_
     logs = world_q_ceiling.read_collected_logs(str(world_logs))
     world = World(load_params(str(REPO / "params.yaml")).world)
     key = tuple(logs.filter(pl.col("turn_index") == 2).sort("conversation_id").select("conversation_id", "turn_index").row(0))
-    _, counts = world_q_ceiling.replay(logs, world, snapshot={key})
+    states, counts = world_q_ceiling.replay(logs, world, snapshot={key})
     snap = counts["snapshots"][key]
+    assert snap.records[-1]["turn_index"] == key[1] and snap.records[-1]["suggestion"] is None and not snap.done
+    state = states.filter((pl.col("conversation_id") == key[0]) & (pl.col("turn_index") == key[1])).row(0, named=True)
+    assert world_q_ceiling.hidden_state(snap.customer, list(world.params.personas)).items() <= state.items()
     before = len(snap.records)
-    book = world.vertical["business_templates"]["book"][0]
-    out = av.rollouts(world, snap, {"a": book, "b": book, "none": None}, 16, ScriptedPolicy("abstain", world.vertical),
+    probe = world.vertical["business_templates"]["probe"][0]
+    out = av.rollouts(world, snap, {"a": probe, "b": probe, "none": None}, 16, ScriptedPolicy("abstain", world.vertical),
                       seed=0, state_index=0)
-    conv = out["converted"]
-    assert out["names"] == ["a", "b", "none"] and conv.shape == (3, 16)
-    assert np.array_equal(conv[0], conv[1])
+    assert out["names"] == ["a", "b", "none"] and out["converted"].shape == (3, 16)
+    runs = [[(r["customer_message"], r["business_message"], r["outcome"]) for r in cv.records] for cv in out["conversations"]]
+    assert runs[:16] == runs[16:32]  # "a" and "b": the same seeds, the same conversations
+    assert len({tuple(r) for r in runs[:16]}) > 1  # and the rollouts' futures differ
     assert len(snap.records) == before and not snap.done
 
     result = av.main([str(world_logs), "--params", str(REPO / "params.yaml"), "--states", "12", "--rollouts", "4",
                       "--no-progress", "--out", str(tmp_path / "av.json")])
     assert result["states"] == 12 and {"logged", "expert", "no_suggestion", "book", "probe"} <= set(result["candidates"])
-    summary = result["summary"]
-    assert summary["all"]["states"] == sum(summary[g]["states"] for g in summary if g != "all")
-    assert all(0.0 <= r[f"q_{n}"] <= 1.0 for r in result["per_state"] for n in result["candidates"])
+    assert abs(sum(result["summary"]["all"]["best_action_share"].values()) - 1) < 1e-9  # ties share a state
+    coverage = result["logged_coverage"]
+    assert sum(c["logged_decisions"] for c in coverage) == logs.filter(pl.col("suggestion").is_not_null()).height
     with pytest.raises(SystemExit, match="an even number"):
         av.action_values(str(world_logs), str(REPO / "params.yaml"), n_states=2, n_rollouts=3)
+
+
+def test_best_action_gain_is_chosen_on_one_half_of_the_rollouts_and_scored_on_the_other():
+    import numpy as np
+
+    import world_action_values as av
+
+    names = ["book", "probe", "logged"]
+    same = np.tile([1.0, 0.0, 1.0, 0.0], (3, 1))
+    assert av.cross_validated_gain(same, names) == 0.0  # all tie: the logged suggestion is kept, no gain
+    dominant = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=float)
+    assert av.cross_validated_gain(dominant, names) == 0.75  # book on both halves: 1 - 0 on evens, 1 - 0.5 on odds
+    lucky = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 0, 0]], dtype=float)
+    # book wins the even half and scores 0 on the odd one; probe the reverse: choosing on the outcomes it is scored on
+    # would report +1, the cross-validated gain is 0
+    assert av.cross_validated_gain(lucky, names) == 0.0
+    assert av.best_choice(np.array([0.5, 0.2, 0.5]), names) == 2 and av.best_choice(np.array([0.5, 0.7, 0.5]), names) == 1
