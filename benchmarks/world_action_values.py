@@ -18,9 +18,9 @@ actions in one state. The world can measure that difference directly.
    same random seed (common random numbers; the streams part as soon as two candidates draw differently).
 3. ``Q(s, a)`` is the share of rollouts that convert: Q under the continuation, not under the policy that wrote
    the logs. Reported: the mean over states of each candidate's Q, also by whether the customer's needs are already
-   understood, with 95% CIs over states; the gain of the best single action over the logged one, with the best
-   chosen on half of the rollouts and scored on the other half (a maximum over noisy estimates would overstate it;
-   ties go to the logged suggestion); and how many logged decisions had each (understood, call to action) pair,
+   understood, with 95% CIs that resample conversations; the gain of the best single action over the logged one,
+   with the best chosen on half of the rollouts and scored on the other half (a maximum over noisy estimates would
+   overstate it; ties go to the logged suggestion); and how many logged decisions had each (understood, call to action) pair,
    the coverage a Q fitted on these logs had to learn from.
 
 The gain of the best action is a conservative estimate of what changing one suggestion, and only that one, adds
@@ -30,7 +30,6 @@ under this continuation: the room a one-step policy improvement (Theorem 1) has 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_steps.common.tracking import write_json  # noqa: E402
 
 LOGGED, EXPERT, NO_SUGGESTION = "logged", "expert", "no_suggestion"
 
@@ -97,16 +97,16 @@ def cross_validated_gain(converted: Any, names: list[str]) -> float:
     return float(0.5 * ((b[best_choice(a, names)] - b[logged]) + (a[best_choice(b, names)] - a[logged])))
 
 
-def mean_ci(values: Any, seed: int = 0) -> list[float]:
-    """The mean and its 95% bootstrap CI over states (scipy.stats.bootstrap, percentile)."""
+def mean_ci(values: Any, conversations: Any, seed: int = 0) -> list[float]:
+    """The mean over states and its 95% bootstrap CI, resampling whole conversations (several drawn states can share
+    one): ``stats.paired_bootstrap``, as the evaluate step's offline gate computes its CI, against zero."""
     import numpy as np
-    from scipy.stats import bootstrap
+
+    from pipeline_steps.common.stats import paired_bootstrap
 
     values = np.asarray(values, dtype=float)
-    if len(values) < 2 or np.all(values == values[0]):
-        return [float(values.mean()), float(values.mean()), float(values.mean())]
-    ci = bootstrap((values,), np.mean, n_resamples=2000, method="percentile", random_state=seed).confidence_interval
-    return [float(values.mean()), float(ci.low), float(ci.high)]
+    ci = paired_bootstrap(values, np.zeros_like(values), 2000, seed, groups=np.asarray(conversations))
+    return [ci["mean"], ci["ci_low"], ci["ci_high"]]
 
 
 def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int = 400, n_rollouts: int = 32,
@@ -172,8 +172,10 @@ def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int
         if sub.height == 0:
             continue
         summary[group] = {"states": sub.height,
-                          "q": {n: mean_ci(sub[f"q_{n}"].to_numpy(), seed) for n in names},
-                          "best_gain_over_logged_cv": mean_ci(sub["best_gain_over_logged_cv"].to_numpy(), seed),
+                          "q": {n: mean_ci(sub[f"q_{n}"].to_numpy(), sub["conversation_id"].to_numpy(), seed)
+                                for n in names},
+                          "best_gain_over_logged_cv": mean_ci(sub["best_gain_over_logged_cv"].to_numpy(),
+                                                              sub["conversation_id"].to_numpy(), seed),
                           # each state's best candidates, ties sharing the state equally
                           "best_action_share": {n: sum(n in b and 1 / len(b) for b in sub["best"].to_list()) / sub.height
                                                 for n in names}}
@@ -222,8 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console.print(f"{result['states']} states from {result['state_conversations']} conversations; the logs' decisions by "
                   f"(needs understood, call to action): {result['logged_coverage']}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return result
 
 

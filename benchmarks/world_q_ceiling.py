@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/world_q_ceiling.py benchmarks/results/bench_fit_q_world_logs_gpu/explore_logs_2048 \
         --rows benchmarks/results/bench_fit_q_world_logs_gpu/world_explore_2048_cv2.rows.parquet --train-rows 3000 \
-        --out benchmarks/results/bench_fit_q_world_logs_gpu/world_q_ceiling_cv2.json    # Q's rows: 4 min on 2 cores
+        --out benchmarks/results/bench_fit_q_world_logs_gpu/world_q_ceiling_cv2.json    # Q's rows: 5 min on 2 cores
     (the same without --train-rows, every other-fold row: world_q_ceiling_cv2_all_rows.json)
 
 A companion to ``probe_q_features.py`` and ``world_log_acts.py``. Q, TF-IDF + LR and the turn rate see only the
@@ -50,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fit_q as bench  # noqa: E402
+from pipeline_steps.common.tracking import write_json  # noqa: E402
 
 WORLD_ID_RE = re.compile(r"^c(\d+)-(\d+)$")  # World.new_conversations' default id_prefix "c", as collect runs it
 HIDDEN_STATE = ("revealed", "required", "needs_left", "understood", "trust", "annoyance", "patience", "readiness",
@@ -147,7 +148,8 @@ def replay(logs: Any, world: Any, snapshot: set[tuple[str, int]] | None = None) 
     differ = sorted(cv.conversation_id for cv in convs if cv.conversation_id in ran_past_log
                     or [tuple(r[f] for f in REPLAYED) for r in cv.records]
                     != [tuple(r[f] for f in REPLAYED) for r in logged[cv.conversation_id]])
-    rows = [{"conversation_id": cid, "turn_index": turn, "reproduced": cid not in set(differ), **state}
+    not_reproduced = set(differ)
+    rows = [{"conversation_id": cid, "turn_index": turn, "reproduced": cid not in not_reproduced, **state}
             for (cid, turn), state in states.items()]
     counts = {"conversations": len(convs), "reproduced": len(convs) - len(differ), "ran_past_log": len(ran_past_log),
               "not_reproduced": differ}
@@ -178,41 +180,46 @@ def read_rows(rows_path: str) -> Any:
     if scored["fold"].null_count():
         raise SystemExit(f"--rows {rows_path}: {scored['fold'].null_count()} rows without a fold (a single-split run): "
                          "cross-fitting needs a --folds K run")
+    folds = sorted(scored["fold"].unique().to_list())
+    if folds != list(range(len(folds))) or len(folds) < 2:
+        raise SystemExit(f"--rows {rows_path}: folds {folds}: 0..K-1 with K >= 2 expected, as --folds K writes them")
     return scored
 
 
-def cross_fit(frame: Any, features: list[str], model: str, train_rows: int | None, seed: int) -> tuple[Any, float]:
-    """Held-out P(outcome) of each fold's model trained on (up to ``train_rows`` of) the other folds' rows; and the
-    mean AUC of the models on their own training rows (how far they fit what they saw)."""
-    import warnings
+def hidden_state_models(models: dict[str, list[str]], seed: int) -> Any:
+    """``bench_fit_q.cross_fit``'s ``fit``: every model of ``models`` (name -> features) trained on the fold's train
+    rows; held-out P(outcome) of each, and each one's AUC on its own training rows (how far it fits what it saw)."""
 
-    import numpy as np
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    def fit(train: Any, val: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        import warnings
 
-    from probe_q_features import logistic_by_conversation
+        import numpy as np
+        from sklearn.ensemble import HistGradientBoostingClassifier
 
-    x, y, fold = frame.select(features).to_numpy().astype(float), frame["outcome"].to_numpy(), frame["fold"].to_numpy()
-    clusters = frame["cluster"].to_numpy()
-    out, fit_aucs = np.full(frame.height, np.nan), []
-    for f in np.unique(fold):
-        train, held = np.flatnonzero(fold != f), fold == f
-        if train_rows is not None and train_rows < len(train):
-            train = np.sort(np.random.default_rng(seed + int(f)).choice(train, train_rows, replace=False))
-        if len(np.unique(y[train])) < 2:
-            raise SystemExit(f"fold {f}: the other folds' rows hold one outcome class only: no model can be fitted")
-        est = (logistic_by_conversation(clusters[train]) if model == "logistic" else
-               HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_depth=3, min_samples_leaf=100,
-                                              early_stopping=True, random_state=seed))
-        with warnings.catch_warnings():  # scikit-learn's notices of its 1.10 defaults
-            warnings.simplefilter("ignore", FutureWarning)
-            est.fit(x[train], y[train])
-        out[held] = est.predict_proba(x[held])[:, 1]
-        fit_aucs.append(bench.auc(y[train], est.predict_proba(x[train])[:, 1]))
-    return out, float(np.mean(fit_aucs))
+        from probe_q_features import logistic_by_conversation
+
+        y = train["outcome"].to_numpy()
+        if len(np.unique(y)) < 2:
+            raise SystemExit("a fold's training rows hold one outcome class only: no model can be fitted")
+        preds, fit_auc = {}, {}
+        for name, features in models.items():
+            est = (HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_depth=3, min_samples_leaf=100,
+                                                  early_stopping=True, random_state=seed) if name.endswith("_trees")
+                   else logistic_by_conversation(train["cluster"].to_numpy()))
+            x_train = train.select(features).to_numpy().astype(float)
+            with warnings.catch_warnings():  # scikit-learn's notices of its 1.10 defaults
+                warnings.simplefilter("ignore", FutureWarning)
+                est.fit(x_train, y)
+            preds[name] = est.predict_proba(val.select(features).to_numpy().astype(float))[:, 1]
+            fit_auc[name] = bench.auc(y, est.predict_proba(x_train)[:, 1])
+        return np.zeros(val.height), preds, {"train_rows": train.height, "fit_auc": fit_auc}
+
+    return fit
 
 
 def ceiling(logs_dir: str, rows_path: str, params_path: str = "params.yaml", n_boot: int = 1000,
             train_rows: int | None = None, seed: int = 0) -> dict[str, Any]:
+    import numpy as np
     import polars as pl
 
     from pipeline_steps.common.config import load_params
@@ -240,12 +247,14 @@ def ceiling(logs_dir: str, rows_path: str, params_path: str = "params.yaml", n_b
     state_features = [*HIDDEN_STATE, *persona_cols, "turn_index"]
     act_features = [f"act_{a}" for a in act_names]
     gated = act_features + [f"act_{a}_x_{g}" for a in act_names for g in GATES]
-    preds, fit_auc = {}, {}
-    for name, features, model in (("hidden_state", state_features, "logistic"),
-                                  ("hidden_state_and_act", state_features + act_features, "logistic"),
-                                  ("hidden_state_and_act_gated", state_features + gated, "logistic"),
-                                  ("hidden_state_and_act_trees", state_features + gated, "trees")):
-        preds[name], fit_auc[name] = cross_fit(frame, features, model, train_rows, seed)
+    models = {"hidden_state": state_features, "hidden_state_and_act": state_features + act_features,
+              "hidden_state_and_act_gated": state_features + gated, "hidden_state_and_act_trees": state_features + gated}
+    # bench_fit_q's own cross-fit, on the rows file's folds: each fold scored by models trained on (a --train-rows
+    # sample of) the other folds, as Q and TF-IDF were; the pooled rows come back in its order.
+    k = frame["fold"].n_unique()
+    frame, _, preds, runs = bench.cross_fit(frame, k, train_rows or frame.height, frame.height, seed, 0,
+                                            hidden_state_models(models, seed), folds=frame["fold"])
+    fit_auc = {name: float(np.mean([r["fit_auc"][name] for r in runs])) for name in models}
     preds.update({name: frame[name].to_numpy() for name in COMPARED})
     y, clusters = frame["outcome"].to_numpy(), frame["cluster"].to_numpy()
     aucs = {name: bench.auc(y, p) for name, p in preds.items()}
@@ -303,8 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console.print("one hidden variable alone (AUC; below 0.5: more of it, less conversion): " + ", ".join(
         f"{k} {v:.3f}" for k, v in list(result["single_feature_auc"].items())[:6]))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return result
 
 
