@@ -109,6 +109,20 @@ def mean_ci(values: Any, conversations: Any, seed: int = 0) -> list[float]:
     return [ci["mean"], ci["ci_low"], ci["ci_high"]]
 
 
+def logged_coverage(logs: Any, states: Any, acts: Any, vertical: dict[str, Any]) -> Any:
+    """Logged decisions by (needs understood, the suggestion is a call to action), with the conversion of their
+    conversations: how much of the act x state pattern the logs show a Q fitted on them."""
+    import polars as pl
+
+    cta = list(vertical["call_to_action_acts"])
+    return (states.join(acts, on=["conversation_id", "turn_index"])
+            .join(logs.group_by("conversation_id").agg(pl.col("outcome").max().alias("converted")), on="conversation_id")
+            .group_by(pl.col("understood").cast(pl.Boolean), pl.col("act").is_in(cta).alias("call_to_action"))
+            .agg(pl.len().alias("logged_decisions"), pl.col("conversation_id").n_unique().alias("conversations"),
+                 pl.col("converted").mean().alias("conversion_of_their_conversations"))
+            .sort("understood", "call_to_action"))
+
+
 def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int = 400, n_rollouts: int = 32,
                   continuation_name: str = "abstain", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     import numpy as np
@@ -155,14 +169,7 @@ def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int
                           "needs_left": s["needs_left"], "trust": s["trust"], "annoyance": s["annoyance"],
                           "best": tied, "best_gain_over_logged_cv": cross_validated_gain(out["converted"], names),
                           **{f"q_{n}": float(v) for n, v in zip(names, q)}})
-    cta = set(world.vertical["call_to_action_acts"])
-    acts = ceiling.suggestion_acts(logs, world.featurizer)
-    coverage = (states.join(acts, on=["conversation_id", "turn_index"])
-                .join(logs.group_by("conversation_id").agg(pl.col("outcome").max().alias("converted")), on="conversation_id")
-                .group_by(pl.col("understood").cast(pl.Boolean), pl.col("act").is_in(list(cta)).alias("call_to_action"))
-                .agg(pl.len().alias("logged_decisions"), pl.col("conversation_id").n_unique().alias("conversations"),
-                     pl.col("converted").mean().alias("conversion_of_their_conversations"))
-                .sort("understood", "call_to_action"))
+    coverage = logged_coverage(logs, states, ceiling.suggestion_acts(logs, world.featurizer), world.vertical)
     if not per_state:
         raise SystemExit(f"{logs_dir}: none of the drawn decision points belongs to a reproduced conversation")
     frame = pl.DataFrame(per_state)

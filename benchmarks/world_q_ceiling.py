@@ -186,6 +186,21 @@ def read_rows(rows_path: str) -> Any:
     return scored
 
 
+def with_act_features(frame: Any, act_names: list[str]) -> tuple[Any, dict[str, list[str]]]:
+    """One-hot columns of the suggestion's ``act`` (null, an abstention: all zero) and their products with the
+    state the world's rules gate an act's effect on; returns the frame and each model's feature list."""
+    import polars as pl
+
+    frame = frame.with_columns([(pl.col("act") == a).fill_null(False).cast(pl.Float64).alias(f"act_{a}") for a in act_names])
+    frame = frame.with_columns([(pl.col(f"act_{a}") * pl.col(g)).alias(f"act_{a}_x_{g}") for a in act_names for g in GATES])
+    persona_cols = [c for c in frame.columns if c.startswith("persona_")]
+    state_features = [*HIDDEN_STATE, *persona_cols, "turn_index"]
+    act_features = [f"act_{a}" for a in act_names]
+    gated = act_features + [f"act_{a}_x_{g}" for a in act_names for g in GATES]
+    return frame, {"hidden_state": state_features, "hidden_state_and_act": state_features + act_features,
+                   "hidden_state_and_act_gated": state_features + gated, "hidden_state_and_act_trees": state_features + gated}
+
+
 def hidden_state_models(models: dict[str, list[str]], seed: int) -> Any:
     """``bench_fit_q.cross_fit``'s ``fit``: every model of ``models`` (name -> features) trained on the fold's train
     rows; held-out P(outcome) of each, and each one's AUC on its own training rows (how far it fits what it saw)."""
@@ -241,14 +256,8 @@ def ceiling(logs_dir: str, rows_path: str, params_path: str = "params.yaml", n_b
     frame = (scored.join(states, on=["conversation_id", "turn_index"], how="left")
              .filter(pl.col("reproduced").fill_null(False)).join(acts, on=["conversation_id", "turn_index"], how="left"))
     act_names = sorted(a for a in frame["act"].unique().to_list() if a is not None)
-    frame = frame.with_columns([(pl.col("act") == a).fill_null(False).cast(pl.Float64).alias(f"act_{a}") for a in act_names])
-    frame = frame.with_columns([(pl.col(f"act_{a}") * pl.col(g)).alias(f"act_{a}_x_{g}") for a in act_names for g in GATES])
-    persona_cols = [c for c in frame.columns if c.startswith("persona_")]
-    state_features = [*HIDDEN_STATE, *persona_cols, "turn_index"]
-    act_features = [f"act_{a}" for a in act_names]
-    gated = act_features + [f"act_{a}_x_{g}" for a in act_names for g in GATES]
-    models = {"hidden_state": state_features, "hidden_state_and_act": state_features + act_features,
-              "hidden_state_and_act_gated": state_features + gated, "hidden_state_and_act_trees": state_features + gated}
+    frame, models = with_act_features(frame, act_names)
+    state_features = models["hidden_state"]
     # bench_fit_q's own cross-fit, on the rows file's folds: each fold scored by models trained on (a --train-rows
     # sample of) the other folds, as Q and TF-IDF were; the pooled rows come back in its order.
     k = frame["fold"].n_unique()

@@ -3,6 +3,7 @@ is cross-fitted on the folds of a bench_fit_q rows file."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,17 @@ def world_logs(tmp_path_factory):
                       "--summary", str(root / f"{strategy}.json"), "--no-mlflow", "--no-progress",
                       "--policy", f"script:{strategy}", "--conversations", "150", "--seed", str(k)])
     return logs
+
+
+@pytest.fixture(scope="module")
+def action_values_json(world_logs, tmp_path_factory):
+    """world_action_values.py on those logs: 12 states, 4 rollouts per candidate."""
+    import world_action_values as av
+
+    out = tmp_path_factory.mktemp("action_values") / "av.json"
+    av.main([str(world_logs), "--params", str(REPO / "params.yaml"), "--states", "12", "--rollouts", "4",
+             "--no-progress", "--out", str(out)])
+    return out
 
 
 def _rows_file(logs: Path, path: Path) -> Path:
@@ -135,7 +147,7 @@ def test_rows_of_other_logs_and_logs_not_of_the_world_are_refused(world_logs, tm
         world_q_ceiling.world_ids(["c1-000001", "chat-17"])
 
 
-def test_branching_replays_start_every_candidate_from_the_same_state_and_seeds(world_logs, tmp_path):
+def test_branching_replays_start_every_candidate_from_the_same_state_and_seeds(world_logs, action_values_json):
     """world_action_values: the snapshot is the conversation just before the logged turn's suggestion; rollout r of
     every candidate starts from the same seed (one text sent under two names gives the same conversations, record
     for record, while rollouts differ); the snapshot is left as it was; every drawn state is summarised."""
@@ -165,8 +177,7 @@ def test_branching_replays_start_every_candidate_from_the_same_state_and_seeds(w
     assert len({tuple(r) for r in runs[:16]}) > 1  # and the rollouts' futures differ
     assert len(snap.records) == before and not snap.done
 
-    result = av.main([str(world_logs), "--params", str(REPO / "params.yaml"), "--states", "12", "--rollouts", "4",
-                      "--no-progress", "--out", str(tmp_path / "av.json")])
+    result = json.loads(action_values_json.read_text())
     assert result["states"] == 12 and {"logged", "expert", "no_suggestion", "book", "probe"} <= set(result["candidates"])
     assert abs(sum(result["summary"]["all"]["best_action_share"].values()) - 1) < 1e-9  # ties share a state
     coverage = result["logged_coverage"]
@@ -190,3 +201,61 @@ def test_best_action_gain_is_chosen_on_one_half_of_the_rollouts_and_scored_on_th
     # would report +1, the cross-validated gain is 0
     assert av.cross_validated_gain(lucky, names) == 0.0
     assert av.best_choice(np.array([0.5, 0.2, 0.5]), names) == 2 and av.best_choice(np.array([0.5, 0.7, 0.5]), names) == 1
+
+
+def test_action_ranking_scores_learners_at_the_measured_states_without_training_on_them(world_logs, action_values_json,
+                                                                                       tmp_path):
+    """world_action_ranking: every learner scores every candidate at every measured state; conversations holding an
+    evaluated state are dropped from training; the fixed choices' gains are the world's Q differences themselves."""
+    import world_action_ranking as ar
+
+    values = json.loads(action_values_json.read_text())
+    result = ar.main(["--values", str(action_values_json), "--train", f"scripted={world_logs}",
+                      "--params", str(REPO / "params.yaml"), "--out", str(tmp_path / "ranking.json")])
+    evaluated = {s["conversation_id"] for s in values["per_state"]}
+    info = result["training_logs"]["scripted"]
+    assert info["conversations_dropped"] == len(evaluated) and info["conversations_used"] == 300 - len(evaluated)
+    assert set(result["learners"]) == {"scripted / tfidf_lr", "scripted / hidden_state_and_act_gated"}
+    for r in result["learners"].values():
+        assert r["all"]["states"] == 12 and abs(sum(r["all"]["top_share"].values()) - 1) < 1e-9
+    book = [s["q_book"] - s["q_logged"] for s in values["per_state"]]
+    assert abs(result["fixed_choices"]["always a booking"]["all"]["gain_over_logged"][0] - sum(book) / len(book)) < 1e-9
+    assert json.loads((tmp_path / "ranking.json").read_text())["states"] == 12
+
+
+def test_ranking_reads_the_world_q_of_the_top_scored_candidate_and_the_within_state_order():
+    import numpy as np
+    import polars as pl
+
+    import world_action_ranking as ar
+
+    names = ["book", "probe", "logged"]
+    per_state = pl.DataFrame({"conversation_id": ["c1-0", "c1-1", "c1-2"], "understood": [True, False, False],
+                              "q_book": [0.5, 0.1, 0.2], "q_probe": [0.2, 0.4, 0.3], "q_logged": [0.1, 0.2, 0.1]})
+    q = per_state.select([f"q_{n}" for n in names]).to_numpy()
+    agree = ar.ranking(per_state, names, q.ravel(), seed=0)
+    assert agree["all"]["spearman"][0] == 1.0
+    assert np.isclose(agree["all"]["gain_over_logged"][0], np.mean([0.4, 0.2, 0.2]))
+    assert agree["needs understood"]["top_share"] == {"book": 1.0}
+    reverse = ar.ranking(per_state, names, -q.ravel(), seed=0)
+    # the lowest: logged (0.1 - 0.1), book (0.1 - 0.2), logged (0.1 - 0.1)
+    assert reverse["all"]["spearman"][0] == -1.0 and np.isclose(reverse["all"]["gain_over_logged"][0], -0.1 / 3)
+
+
+def test_action_ranking_refuses_bad_arguments(world_logs, action_values_json, tmp_path):
+    import world_action_ranking as ar
+
+    with pytest.raises(SystemExit, match="LABEL=DIR"):
+        ar.parse_train(["data/logs"])
+    with pytest.raises(SystemExit, match="given twice"):
+        ar.parse_train(["a=x", "a=y"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"auc": {}}))
+    with pytest.raises(SystemExit, match="world_action_values.py result"):
+        ar.read_values(str(other))
+    values = json.loads(action_values_json.read_text())
+    values["per_state"][0]["conversation_id"] = "c1-999999"
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(values))
+    with pytest.raises(SystemExit, match="measured on other logs"):
+        ar.action_ranking(str(moved), {"scripted": str(world_logs)}, str(REPO / "params.yaml"))
