@@ -22,6 +22,9 @@ learner is what falls short:
 2. **Learners** fitted on each, for the final outcome:
    * ``tfidf_lr``: TF-IDF (1-2 grams) + logistic regression on the state text and the reply, bench_fit_q's text
      baseline (a fine-tuned Q reads the same input);
+   * ``text_state_and_act_gated``: a logistic regression on what the customer's messages show of the state, as
+     the scripted expert reads them (needs stated of the project's needs, a ready cue, a decline, a question), the
+     reply's dialogue act and the act's products with that state: what a text reader that found the state could do;
    * ``hidden_state_and_act_gated``: a logistic regression on the world's hidden customer state (replayed), the
      reply's dialogue act and the act's products with the state (``world_q_ceiling.py``'s model): what a learner
      that saw the true state could take from these logs.
@@ -56,7 +59,11 @@ from pipeline_steps.common.tracking import write_json  # noqa: E402
 from world_log_acts import label_acts  # noqa: E402
 from world_action_values import EXPERT, LOGGED, NO_SUGGESTION, candidate_suggestions, logged_coverage, mean_ci  # noqa: E402
 
-LEARNERS = ("tfidf_lr", "hidden_state_and_act_gated")
+LEARNERS = ("tfidf_lr", "text_state_and_act_gated", "hidden_state_and_act_gated")
+# What the text shows of the state, as the scripted expert reads it (ScriptedPolicy.read_state), and the part of it
+# an act's effect is gated on.
+TEXT_STATE = ("stated_needs", "project_needs", "needs_unstated", "all_stated", "ready_cue", "declined", "asked_question")
+TEXT_GATES = ("all_stated", "needs_unstated", "ready_cue", "asked_question")
 FIXED = {"always a booking": "book", "always a needs probe": "probe", "the scripted expert": EXPERT,
          "no suggestion": NO_SUGGESTION}
 
@@ -84,6 +91,31 @@ def read_values(path: str) -> dict[str, Any]:
     return values
 
 
+def text_state(logs: Any, vertical: dict[str, Any]) -> Any:
+    """Per logged turn with a customer message, what the customer's messages so far show (``TEXT_STATE``): the
+    public counterpart of the replayed hidden state."""
+    import polars as pl
+
+    from pipeline_steps.common.contract import HistoryTurn
+    from pipeline_steps.world.scripted import ScriptedPolicy
+
+    reader = ScriptedPolicy("expert", vertical)
+    rows, history, current = [], [], None
+    for rec in logs.sort("conversation_id", "turn_index").select("conversation_id", "turn_index", "customer_message").iter_rows(named=True):
+        if rec["conversation_id"] != current:
+            history, current = [], rec["conversation_id"]
+        if rec["customer_message"] is None:  # the customer left: no suggestion follows
+            continue
+        history.append(HistoryTurn(rec["customer_message"]))
+        seen = reader.read_state(history)
+        stated = len(seen["revealed"])
+        rows.append({"conversation_id": rec["conversation_id"], "turn_index": rec["turn_index"], "stated_needs": stated,
+                     "project_needs": seen["project_needs"], "needs_unstated": seen["project_needs"] - stated,
+                     "all_stated": float(stated == seen["project_needs"]), "ready_cue": float(seen["ready"]),
+                     "declined": float(seen["declined"]), "asked_question": float(seen["asked_question"])})
+    return pl.DataFrame(rows)
+
+
 def training_rows(params: Any, tokenizer: Any, world: Any, logs_dir: str, exclude: set[str]) -> tuple[Any, dict[str, Any]]:
     """The returns rows of ``logs_dir`` (state text, reply text, outcome) with the replayed hidden state and the reply's
     act, conversations in ``exclude`` and any that did not replay record for record dropped; and the logs' coverage."""
@@ -96,7 +128,8 @@ def training_rows(params: Any, tokenizer: Any, world: Any, logs_dir: str, exclud
     before = rows["conversation_id"].n_unique()
     rows = (rows.filter(~pl.col("conversation_id").is_in(list(exclude)))
             .join(states, on=["conversation_id", "turn_index"], how="inner").filter(pl.col("reproduced"))
-            .join(acts, on=["conversation_id", "turn_index"], how="left"))
+            .join(acts, on=["conversation_id", "turn_index"], how="left")
+            .join(text_state(logs, world.vertical), on=["conversation_id", "turn_index"], how="inner"))
     if rows.height == 0 or rows["outcome"].n_unique() < 2:
         raise SystemExit(f"--train {logs_dir}: {rows.height} usable rows, outcomes {rows['outcome'].unique().to_list()}: "
                          "both outcomes are needed to fit a learner")
@@ -127,7 +160,8 @@ def evaluation_pairs(values: dict[str, Any], params: Any, tokenizer: Any, world:
                          "the values were measured on other logs")
     text_of = {(r["conversation_id"], r["turn_index"]): r for r in rows.select("conversation_id", "turn_index", "state_text",
                                                                                "action_text").iter_rows(named=True)}
-    hidden = {(r["conversation_id"], r["turn_index"]): r for r in states.iter_rows(named=True)}
+    hidden = {(r["conversation_id"], r["turn_index"]): r for r in states.join(
+        text_state(logs, world.vertical), on=["conversation_id", "turn_index"], how="left").iter_rows(named=True)}
     acts = ceiling.suggestion_acts(logs, world.featurizer)
     logged_act = {(r["conversation_id"], r["turn_index"]): r["act"] for r in acts.iter_rows(named=True)}
     expert = ScriptedPolicy("expert", world.vertical, seed=values["seed"])  # as world_action_values.py drew it
@@ -165,6 +199,9 @@ def fit_and_score(train: Any, pairs: Any, seed: int) -> dict[str, Any]:
     pairs, _ = ceiling.with_act_features(pairs.with_columns(pl.when(pl.col("act").is_in(unseen)).then(None)
                                                             .otherwise(pl.col("act")).alias("act")), act_names)
     gated = {"hidden_state_and_act_gated": models["hidden_state_and_act_gated"]}
+    train, text_models = ceiling.with_act_features(train, act_names, [*TEXT_STATE, "turn_index"], TEXT_GATES)
+    pairs, _ = ceiling.with_act_features(pairs, act_names, [*TEXT_STATE, "turn_index"], TEXT_GATES)
+    gated["text_state_and_act_gated"] = text_models["hidden_state_and_act_gated"]
     _, preds, _ = ceiling.hidden_state_models(gated, seed)(train, pairs)
     preds["tfidf_lr"] = bench.tfidf_baseline(train, pairs)
     return {"scores": preds, "acts_unseen_in_training": unseen}

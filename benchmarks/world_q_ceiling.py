@@ -186,17 +186,19 @@ def read_rows(rows_path: str) -> Any:
     return scored
 
 
-def with_act_features(frame: Any, act_names: list[str]) -> tuple[Any, dict[str, list[str]]]:
+def with_act_features(frame: Any, act_names: list[str], state: list[str] | None = None,
+                      gates: tuple[str, ...] = GATES) -> tuple[Any, dict[str, list[str]]]:
     """One-hot columns of the suggestion's ``act`` (null, an abstention: all zero) and their products with the
-    state the world's rules gate an act's effect on; returns the frame and each model's feature list."""
+    state the world's rules gate an act's effect on; returns the frame and each model's feature list. ``state``
+    (default: the hidden state, persona and turn index) and ``gates`` name other state columns to use."""
     import polars as pl
 
     frame = frame.with_columns([(pl.col("act") == a).fill_null(False).cast(pl.Float64).alias(f"act_{a}") for a in act_names])
-    frame = frame.with_columns([(pl.col(f"act_{a}") * pl.col(g)).alias(f"act_{a}_x_{g}") for a in act_names for g in GATES])
+    frame = frame.with_columns([(pl.col(f"act_{a}") * pl.col(g)).alias(f"act_{a}_x_{g}") for a in act_names for g in gates])
     persona_cols = [c for c in frame.columns if c.startswith("persona_")]
-    state_features = [*HIDDEN_STATE, *persona_cols, "turn_index"]
+    state_features = list(state) if state is not None else [*HIDDEN_STATE, *persona_cols, "turn_index"]
     act_features = [f"act_{a}" for a in act_names]
-    gated = act_features + [f"act_{a}_x_{g}" for a in act_names for g in GATES]
+    gated = act_features + [f"act_{a}_x_{g}" for a in act_names for g in gates]
     return frame, {"hidden_state": state_features, "hidden_state_and_act": state_features + act_features,
                    "hidden_state_and_act_gated": state_features + gated, "hidden_state_and_act_trees": state_features + gated}
 

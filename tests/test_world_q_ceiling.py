@@ -215,7 +215,7 @@ def test_action_ranking_scores_learners_at_the_measured_states_without_training_
     evaluated = {s["conversation_id"] for s in values["per_state"]}
     info = result["training_logs"]["scripted"]
     assert info["conversations_dropped"] == len(evaluated) and info["conversations_used"] == 300 - len(evaluated)
-    assert set(result["learners"]) == {"scripted / tfidf_lr", "scripted / hidden_state_and_act_gated"}
+    assert set(result["learners"]) == {f"scripted / {name}" for name in ar.LEARNERS}
     for r in result["learners"].values():
         assert r["all"]["states"] == 12 and abs(sum(r["all"]["top_share"].values()) - 1) < 1e-9
     book = [s["q_book"] - s["q_logged"] for s in values["per_state"]]
@@ -259,3 +259,27 @@ def test_action_ranking_refuses_bad_arguments(world_logs, action_values_json, tm
     moved.write_text(json.dumps(values))
     with pytest.raises(SystemExit, match="measured on other logs"):
         ar.action_ranking(str(moved), {"scripted": str(world_logs)}, str(REPO / "params.yaml"))
+
+
+def test_text_state_reads_what_the_expert_acted_on(world_logs):
+    """world_action_ranking.text_state: at every turn where the scripted expert answered, the customer had asked a
+    question; where it proposed a tailored visit, the customer had stated every need, given a ready cue or declined."""
+    import polars as pl
+
+    import world_action_ranking as ar
+    import world_q_ceiling
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.world.simulator import load_vertical
+
+    vertical = load_vertical(load_params(str(REPO / "params.yaml")).world.vertical)
+    logs = world_q_ceiling.read_collected_logs(str(world_logs / "expert"))
+    frame = logs.join(ar.text_state(logs, vertical), on=["conversation_id", "turn_index"], how="inner")
+    assert frame.height == logs.filter(pl.col("customer_message").is_not_null()).height
+    answers = set(vertical["business_templates"]["answer"])
+    answered = frame.filter(pl.col("suggestion").is_in(list(answers)))
+    assert answered.height > 0 and answered["asked_question"].min() == 1.0
+    prefixes = [t.split("{")[0] for t in vertical["business_templates"]["tailored_book"]]
+    booked = frame.filter(pl.any_horizontal([pl.col("suggestion").str.starts_with(p) for p in prefixes]))
+    assert booked.height > 0
+    assert booked.filter((pl.col("all_stated") == 0) & (pl.col("ready_cue") == 0) & (pl.col("declined") == 0)).height == 0
+    assert ((frame["project_needs"] - frame["stated_needs"]) == frame["needs_unstated"]).all()

@@ -66,21 +66,27 @@ class ScriptedPolicy:
         return None
 
     def _expert(self, h: Sequence[HistoryTurn], rng: random.Random) -> str:
-        last = h[-1].customer_message.lower()
-        project, revealed, terms = self._read(h)
-        ready = any(cue.lower() in last for cue in self._ready)
-        all_needs = list(self.vertical["projects"][project]["needs"])
-        declined = any(d in last for d in self._declines)
-        asked_question = "?" in last and not ready
-        if asked_question:
+        seen = self.read_state(h)
+        project, revealed, terms = seen["project"], seen["revealed"], seen["terms"]
+        if seen["asked_question"]:
             return rng.choice(self.t["answer"])
-        if ready or len(revealed) == len(all_needs) or (declined and len(revealed) >= 2):
+        if seen["ready"] or len(revealed) == seen["project_needs"] or (seen["declined"] and len(revealed) >= 2):
             term = terms[-1] if terms else project
             return rng.choice(self.t["tailored_book"]).format(project=project, term=term)
         probe = self._probe_text(h, rng)
         return probe or rng.choice(self.t["tailored_book"]).format(project=project, term=project)
 
     # --- reading the conversation -----------------------------------------------------------
+
+    def read_state(self, h: Sequence[HistoryTurn]) -> dict[str, Any]:
+        """What the public text shows of the customer's state, as the expert reads it: the project, the needs stated
+        (of how many the project has), and whether the last message gives a ready cue, declines or asks a question."""
+        last = h[-1].customer_message.lower()
+        project, revealed, terms = self._read(h)
+        ready = any(cue.lower() in last for cue in self._ready)
+        return {"project": project, "revealed": revealed, "terms": terms,
+                "project_needs": len(self.vertical["projects"][project]["needs"]), "ready": ready,
+                "declined": any(d in last for d in self._declines), "asked_question": "?" in last and not ready}
 
     def _read(self, h: Sequence[HistoryTurn]) -> tuple[str, list[str], list[str]]:
         """The project the customer talks about, the needs they revealed and the terms they used."""
