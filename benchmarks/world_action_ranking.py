@@ -28,6 +28,8 @@ learner is what falls short:
    * ``hidden_state_and_act_gated``: a logistic regression on the world's hidden customer state (replayed), the
      reply's dialogue act and the act's products with the state (``world_q_ceiling.py``'s model): what a learner
      that saw the true state could take from these logs.
+   And any trained Q (``--q-model LABEL=DIR``: fit_q's ``scorer/`` or ``adapter/``, e.g. from a GPU run), fitted
+   under the same params: the check that matters before PPO climbs it.
 3. **Scoring** at every state of ``--values``: each learner scores the same candidates the world was measured on
    (one template per act, the scripted expert's reply, the logged reply, none). Reported, as mean over states with
    95% CIs that resample conversations:
@@ -68,14 +70,15 @@ FIXED = {"always a booking": "book", "always a needs probe": "probe", "the scrip
          "no suggestion": NO_SUGGESTION}
 
 
-def parse_train(specs: list[str]) -> dict[str, str]:
+def parse_train(specs: list[str], flag: str = "--train") -> dict[str, str]:
+    """``LABEL=DIR`` arguments as {label: folder}."""
     out = {}
     for spec in specs:
         label, sep, folder = spec.partition("=")
         if not sep or not label or not folder:
-            raise SystemExit(f"--train {spec!r}: LABEL=DIR expected, e.g. random=data/bench/random_logs_2048")
+            raise SystemExit(f"{flag} {spec!r}: LABEL=DIR expected, e.g. random=data/bench/random_logs_2048")
         if label in out:
-            raise SystemExit(f"--train {spec!r}: the label {label!r} is given twice")
+            raise SystemExit(f"{flag} {spec!r}: the label {label!r} is given twice")
         out[label] = folder
     return out
 
@@ -188,6 +191,28 @@ def evaluation_pairs(values: dict[str, Any], params: Any, tokenizer: Any, world:
     return frame, per_state, names
 
 
+def q_model_scores(folder: str, pairs: Any, params: Any, tokenizer: Any, vertical: dict[str, Any]) -> dict[str, Any]:
+    """A trained Q (fit_q's ``scorer/`` or ``adapter/``) scores every evaluation pair, reading the states as this script
+    rendered them: a Q fitted on returns of another tokenizer, prompt or base model is refused (its manifest)."""
+    from pipeline_steps.common.contract import system_prompt_for
+    from pipeline_steps.common.q_model import load_scorer, read_manifest, score
+    from pipeline_steps.returns import ReturnsError, check_compatible, returns_metadata
+
+    manifest = read_manifest(folder)
+    trained_on = manifest.get("returns_metadata") or {}
+    if not trained_on:
+        raise SystemExit(f"--q-model {folder}: no fit_q manifest with the returns metadata Q was fitted on: "
+                         "fit_q's scorer/ or adapter/ folder is expected")
+    try:
+        check_compatible(trained_on, returns_metadata(params, tokenizer, system_prompt_for(vertical)), f"--q-model {folder}")
+    except ReturnsError as exc:
+        raise SystemExit(f"{exc} (run this script with the params Q was fitted under)") from exc
+    model, q_tokenizer = load_scorer(folder)
+    scores = score(model, q_tokenizer, pairs["state_text"].to_list(), pairs["action_text"].to_list(),
+                   max_action_tokens=manifest.get("max_action_tokens"))
+    return {"scores": scores, "target": manifest.get("target"), "base_model": manifest.get("base_model")}
+
+
 def fit_and_score(train: Any, pairs: Any, seed: int) -> dict[str, Any]:
     """Each learner fitted on ``train``; its score of every evaluation pair (the predicted P(conversion))."""
     import polars as pl
@@ -232,7 +257,7 @@ def ranking(per_state: Any, names: list[str], scores: Any, seed: int) -> dict[st
 
 
 def action_ranking(values_path: str, train_specs: dict[str, str], params_path: str = "params.yaml",
-                   train_rows: int | None = None, seed: int = 0) -> dict[str, Any]:
+                   train_rows: int | None = None, seed: int = 0, q_models: dict[str, str] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
@@ -256,6 +281,11 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
         trained[label] = {**info, "acts_unseen_in_training": fitted["acts_unseen_in_training"]}
         for learner in LEARNERS:
             results[f"{label} / {learner}"] = ranking(per_state, names, fitted["scores"][learner], seed)
+    scorers = {}
+    for label, folder in (q_models or {}).items():
+        scored = q_model_scores(folder, pairs, params, tokenizer, world.vertical)
+        scorers[label] = {"folder": folder, "target": scored["target"], "base_model": scored["base_model"]}
+        results[f"{label} / q"] = ranking(per_state, names, scored["scores"], seed)
     reference = {}
     for label, name in FIXED.items():
         if name in names:
@@ -270,15 +300,17 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
     return {"values": values_path, "continuation": values["continuation"], "params": params_path, "seed": seed,
             "train_rows_cap": train_rows, "states": per_state.height,
             "state_conversations": int(per_state["conversation_id"].n_unique()), "candidates": names,
-            "training_logs": trained, "learners": results, "fixed_choices": reference,
+            "training_logs": trained, "q_models": scorers, "learners": results, "fixed_choices": reference,
             "world_best_cross_validated": best, "seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--values", required=True, help="a world_action_values.py result (the world's Q at logged states)")
-    ap.add_argument("--train", action="append", required=True, metavar="LABEL=DIR",
+    ap.add_argument("--train", action="append", default=[], metavar="LABEL=DIR",
                     help="training logs collect wrote in the world (repeatable)")
+    ap.add_argument("--q-model", action="append", default=[], metavar="LABEL=DIR",
+                    help="a trained Q to score as well: fit_q's scorer/ or adapter/ folder (repeatable)")
     ap.add_argument("--params", default="params.yaml", help="params.yaml whose world wrote the logs")
     ap.add_argument("--train-rows", type=int, default=None, help="cap each training set's rows (a seeded sample)")
     ap.add_argument("--seed", type=int, default=0)
@@ -287,7 +319,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
-    result = action_ranking(args.values, parse_train(args.train), args.params, args.train_rows, args.seed)
+    if not args.train and not args.q_model:
+        ap.error("nothing to score: give --train LABEL=DIR and/or --q-model LABEL=DIR")
+    result = action_ranking(args.values, parse_train(args.train, "--train"), args.params, args.train_rows, args.seed,
+                            parse_train(args.q_model, "--q-model"))
     console = Console(width=160)
     for label, info in result["training_logs"].items():
         understood_cta = [c for c in info["coverage"] if c["understood"] and c["call_to_action"]]

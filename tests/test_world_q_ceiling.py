@@ -283,3 +283,39 @@ def test_text_state_reads_what_the_expert_acted_on(world_logs):
     assert booked.height > 0
     assert booked.filter((pl.col("all_stated") == 0) & (pl.col("ready_cue") == 0) & (pl.col("declined") == 0)).height == 0
     assert ((frame["project_needs"] - frame["stated_needs"]) == frame["needs_unstated"]).all()
+
+
+def test_action_ranking_scores_a_trained_q_and_refuses_one_fitted_under_other_params(action_values_json, tiny_model_dir,
+                                                                                   tmp_path, capsys):
+    """--q-model: a scorer folder with fit_q's manifest scores every candidate at every state; one whose returns
+    metadata (tokenizer, prompt, base model) differs from the params the states are rendered under is refused."""
+    from transformers import AutoModelForSequenceClassification
+
+    import world_action_ranking as ar
+    from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.contract import system_prompt_for
+    from pipeline_steps.common.q_model import MANIFEST
+    from pipeline_steps.common.tracking import write_json
+    from pipeline_steps.returns import returns_metadata
+    from pipeline_steps.world.simulator import load_vertical
+
+    params = load_params(str(REPO / "params.yaml"))
+    tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
+    scorer = tmp_path / "scorer"
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(scorer)
+    load_tokenizer(tiny_model_dir).save_pretrained(scorer)
+    trained_on = returns_metadata(params, tokenizer, system_prompt_for(load_vertical(params.world.vertical)))
+    write_json(scorer / MANIFEST, {"returns_metadata": trained_on, "max_action_tokens": 64, "target": "a test scorer"})
+    args = ["--values", str(action_values_json), "--q-model", f"tiny={scorer}", "--params", str(REPO / "params.yaml")]
+    result = ar.main(args)
+    assert set(result["learners"]) == {"tiny / q"} and result["q_models"]["tiny"]["target"] == "a test scorer"
+    assert result["learners"]["tiny / q"]["all"]["states"] == 12
+    write_json(scorer / MANIFEST, {"returns_metadata": {**trained_on, "prompt_version": "v0"}})
+    with pytest.raises(SystemExit, match="returns_compatible.*prompt_version"):
+        ar.main(args)
+    with pytest.raises(SystemExit) as exit_info:
+        ar.main(["--values", str(action_values_json)])
+    assert exit_info.value.code == 2 and "nothing to score" in capsys.readouterr().err
