@@ -119,75 +119,80 @@ def text_state(logs: Any, vertical: dict[str, Any]) -> Any:
     return pl.DataFrame(rows)
 
 
-def training_rows(params: Any, tokenizer: Any, world: Any, logs_dir: str, exclude: set[str]) -> tuple[Any, dict[str, Any]]:
-    """The returns rows of ``logs_dir`` (state text, reply text, outcome) with the replayed hidden state and the reply's
-    act, conversations in ``exclude`` and any that did not replay record for record dropped; and the logs' coverage."""
+def state_rows(params: Any, tokenizer: Any, world: Any, logs_dir: str, snapshot: set[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """The returns rows of ``logs_dir`` (state text, reply text, outcome, as Q would see them) of conversations that
+    replay record for record, joined with the hidden state before the suggestion, what the text shows of it and the
+    logged reply's act; with the logs, states, acts and replay counts (``snapshot``: as ``world_q_ceiling.replay``)."""
     import polars as pl
 
+    keys = ["conversation_id", "turn_index"]
     rows, info = bench.world_log_returns(params, tokenizer, logs_dir)
     logs = ceiling.read_collected_logs(logs_dir)
-    states, counts = ceiling.replay(logs, world)
+    states, counts = ceiling.replay(logs, world, snapshot=snapshot)
     acts = ceiling.suggestion_acts(logs, world.featurizer)
-    before = rows["conversation_id"].n_unique()
-    rows = (rows.filter(~pl.col("conversation_id").is_in(list(exclude)))
-            .join(states, on=["conversation_id", "turn_index"], how="inner").filter(pl.col("reproduced"))
-            .join(acts, on=["conversation_id", "turn_index"], how="left")
-            .join(text_state(logs, world.vertical), on=["conversation_id", "turn_index"], how="inner"))
+    joined = (rows.join(states, on=keys, how="inner").filter(pl.col("reproduced")).join(acts, on=keys, how="left")
+              .join(text_state(logs, world.vertical), on=keys, how="inner"))
+    return {"rows": joined, "info": info, "logs": logs, "states": states, "acts": acts, "counts": counts}
+
+
+def training_rows(loaded: dict[str, Any], exclude: set[str], vertical: dict[str, Any], where: str) -> tuple[Any, dict[str, Any]]:
+    """``state_rows`` without the conversations in ``exclude`` (those holding an evaluated state), and the coverage of
+    the (understood, call to action) cells in what is left: what the learners see."""
+    import polars as pl
+
+    everything = loaded["rows"]
+    rows = everything.filter(~pl.col("conversation_id").is_in(list(exclude)))
     if rows.height == 0 or rows["outcome"].n_unique() < 2:
-        raise SystemExit(f"--train {logs_dir}: {rows.height} usable rows, outcomes {rows['outcome'].unique().to_list()}: "
+        raise SystemExit(f"--train {where}: {rows.height} usable rows, outcomes {rows['outcome'].unique().to_list()}: "
                          "both outcomes are needed to fit a learner")
+    used = rows["conversation_id"].unique().to_list()
+    coverage = logged_coverage(*(loaded[k].filter(pl.col("conversation_id").is_in(used)) for k in ("logs", "states", "acts")),
+                               vertical)
     finals = rows.group_by("conversation_id").agg(pl.col("outcome").max())
-    coverage = logged_coverage(logs, states, acts, world.vertical)
-    return rows, {**info, "conversations_used": finals.height, "conversions_used": int(finals["outcome"].sum()),
-                  "conversations_dropped": before - finals.height, "rows": rows.height,
-                  "replay_reproduced": counts["reproduced"], "coverage": coverage.to_dicts()}
+    counts = loaded["counts"]
+    return rows, {**loaded["info"], "conversations_used": finals.height, "conversions_used": int(finals["outcome"].sum()),
+                  "conversations_evaluated_dropped": everything["conversation_id"].n_unique() - finals.height,
+                  "conversations_not_reproduced": counts["conversations"] - counts["reproduced"], "rows": rows.height,
+                  "coverage": coverage.to_dicts()}
 
 
-def evaluation_pairs(values: dict[str, Any], params: Any, tokenizer: Any, world: Any) -> tuple[Any, Any, list[str]]:
-    """One row per (evaluated state, candidate): the state text as Q reads it, the candidate's reply and act, and the
-    hidden state just before the suggestion; and the per-state frame of the world's Q."""
+def evaluation_pairs(values: dict[str, Any], loaded: dict[str, Any], world: Any) -> tuple[Any, Any, list[str]]:
+    """One row per (evaluated state, candidate), in ``per_state`` order and then ``values["candidates"]`` order: the state
+    text as Q reads it, the candidate's reply and its act (the world featuriser's, as the training acts are labelled),
+    and the state just before the suggestion; and the per-state frame of the world's Q."""
     import polars as pl
 
     from pipeline_steps.common.q_input import action_text
     from pipeline_steps.world.scripted import ScriptedPolicy
 
     per_state = pl.DataFrame(values["per_state"])
-    keys = set(zip(per_state["conversation_id"].to_list(), per_state["turn_index"].to_list()))
-    rows, _ = bench.world_log_returns(params, tokenizer, values["logs"])
-    logs = ceiling.read_collected_logs(values["logs"])
-    states, counts = ceiling.replay(logs, world, snapshot=keys)
-    snapshots = counts.pop("snapshots")
-    missing = sorted(keys - set(snapshots))
+    keys = list(zip(per_state["conversation_id"].to_list(), per_state["turn_index"].to_list()))
+    snapshots = loaded["counts"]["snapshots"]
+    at = {(r["conversation_id"], r["turn_index"]): r for r in loaded["rows"].iter_rows(named=True)}
+    missing = [k for k in keys if k not in snapshots or k not in at]
     if missing:
-        raise SystemExit(f"--values: state {missing[0]} (and {len(missing) - 1} more) is not in {values['logs']}: "
-                         "the values were measured on other logs")
-    text_of = {(r["conversation_id"], r["turn_index"]): r for r in rows.select("conversation_id", "turn_index", "state_text",
-                                                                               "action_text").iter_rows(named=True)}
-    hidden = {(r["conversation_id"], r["turn_index"]): r for r in states.join(
-        text_state(logs, world.vertical), on=["conversation_id", "turn_index"], how="left").iter_rows(named=True)}
-    acts = ceiling.suggestion_acts(logs, world.featurizer)
-    logged_act = {(r["conversation_id"], r["turn_index"]): r["act"] for r in acts.iter_rows(named=True)}
+        raise SystemExit(f"--values: state {missing[0]} (and {len(missing) - 1} more) is not a reproduced logged turn of "
+                         f"{values['logs']}: the values were measured on other logs")
     expert = ScriptedPolicy("expert", world.vertical, seed=values["seed"])  # as world_action_values.py drew it
     names = values["candidates"]
-    pairs, expert_texts = [], {}
-    for key in zip(per_state["conversation_id"].to_list(), per_state["turn_index"].to_list()):
+    state_columns = [c for c in loaded["rows"].columns if c in ceiling.HIDDEN_STATE or c in TEXT_STATE
+                     or c.startswith("persona_") or c == "turn_index"]
+    pairs = []
+    for key in keys:
         snap = snapshots[key]
-        expert_texts[key] = expert.suggest([snap.history], [snap.conversation_id])[0].text
-        cands = candidate_suggestions(world.vertical, expert_texts[key], None)
+        cands = candidate_suggestions(world.vertical, expert.suggest([snap.history], [snap.conversation_id])[0].text, None)
+        row = at[key]
         for name in names:
-            if name == LOGGED:
-                reply, act = text_of[key]["action_text"], logged_act[key]  # as the returns step wrote it (PII redacted)
-            else:
-                reply = action_text(cands[name])
-                act = None if name == NO_SUGGESTION else name
-            pairs.append({"conversation_id": key[0], "turn_index": key[1], "candidate": name,
-                          "state_text": text_of[key]["state_text"], "action_text": reply, "act": act,
-                          **{k: v for k, v in hidden[key].items() if k not in ("conversation_id", "turn_index", "reproduced")}})
+            # the logged reply as the returns step wrote it (PII redacted), with its logged act
+            reply = row["action_text"] if name == LOGGED else action_text(cands[name])
+            pairs.append({"conversation_id": key[0], "candidate": name, "state_text": row["state_text"],
+                          "action_text": reply, "logged_act": row["act"], **{c: row[c] for c in state_columns}})
     frame = pl.DataFrame(pairs)
-    expert_acts = label_acts(list(expert_texts.values()), world.featurizer)
-    frame = frame.with_columns(pl.when(pl.col("candidate") == EXPERT)
-                               .then(pl.col("action_text").replace_strict(expert_acts, default=None))
-                               .otherwise(pl.col("act")).alias("act"))
+    texts = frame.filter(~pl.col("candidate").is_in([LOGGED, NO_SUGGESTION]))["action_text"].to_list()
+    acts = label_acts(texts, world.featurizer)
+    frame = frame.with_columns(pl.when(pl.col("candidate") == LOGGED).then(pl.col("logged_act"))
+                               .when(pl.col("candidate") == NO_SUGGESTION).then(None)
+                               .otherwise(pl.col("action_text").replace_strict(acts, default=None)).alias("act")).drop("logged_act")
     return frame, per_state, names
 
 
@@ -232,27 +237,49 @@ def fit_and_score(train: Any, pairs: Any, seed: int) -> dict[str, Any]:
     return {"scores": preds, "acts_unseen_in_training": unseen}
 
 
-def ranking(per_state: Any, names: list[str], scores: Any, seed: int) -> dict[str, Any]:
+GROUPS = ("all", "needs understood", "needs not yet understood")
+
+
+def group_masks(per_state: Any) -> dict[str, Any]:
+    import numpy as np
+
+    understood = per_state["understood"].to_numpy().astype(bool)
+    masks = (np.ones(len(understood), bool), understood, ~understood)
+    return dict(zip(GROUPS, masks))
+
+
+def ranking(per_state: Any, names: list[str], scores: Any, seed: int, acts: Any = None) -> dict[str, Any]:
     """Within-state Spearman with the world's Q, and the world's Q of the top-scored candidate minus the logged one's,
-    overall and by whether the customer's needs were understood."""
+    overall and by whether the customer's needs were understood. Candidates tied at the top share the pick (the
+    expected value of a random tie-break): a learner that reads only the act scores a template, the expert's reply and
+    the logged one alike when their acts agree. ``acts`` (states x candidates) adds the share of each act picked."""
     import numpy as np
     from scipy.stats import spearmanr
 
     q = per_state.select([f"q_{n}" for n in names]).to_numpy()
     s = np.asarray(scores, dtype=float).reshape(len(q), len(names))
-    logged = names.index(LOGGED)
-    top = s.argmax(axis=1)
-    gain = q[np.arange(len(q)), top] - q[:, logged]
+    tied = s == s.max(axis=1, keepdims=True)
+    weight = tied / tied.sum(axis=1, keepdims=True)  # each state's pick, shared among its tied top candidates
+    gain = (weight * q).sum(axis=1) - q[:, names.index(LOGGED)]
     rho = np.array([spearmanr(s[i], q[i]).statistic if np.ptp(q[i]) > 0 and np.ptp(s[i]) > 0 else np.nan
                     for i in range(len(q))])
     groups = per_state["conversation_id"].to_numpy()
-    understood = per_state["understood"].to_numpy().astype(bool)
+    act_of = None if acts is None else np.array([["none" if a is None else a for a in row] for row in acts], dtype=object)
     out = {}
-    for label, mask in (("all", np.ones(len(q), bool)), ("needs understood", understood), ("needs not yet understood", ~understood)):
+    for label, mask in group_masks(per_state).items():
+        if not mask.any():
+            continue
         ok = mask & ~np.isnan(rho)
+        share = weight[mask].mean(axis=0)
         out[label] = {"states": int(mask.sum()), "gain_over_logged": mean_ci(gain[mask], groups[mask], seed),
                       "spearman": mean_ci(rho[ok], groups[ok], seed) if ok.sum() > 1 else None,
-                      "top_share": {n: float(np.mean(top[mask] == j)) for j, n in enumerate(names) if np.any(top[mask] == j)}}
+                      "tied_top_states": int((tied[mask].sum(axis=1) > 1).sum()),
+                      "top_share": {n: float(v) for n, v in zip(names, share) if v > 0}}
+        if act_of is not None:
+            by_act: dict[str, float] = {}
+            for a, w in zip(act_of[mask].ravel(), weight[mask].ravel()):
+                by_act[a] = by_act.get(a, 0.0) + float(w) / int(mask.sum())
+            out[label]["top_act_share"] = {a: v for a, v in sorted(by_act.items(), key=lambda kv: -kv[1]) if v > 0}
     return out
 
 
@@ -269,34 +296,37 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
     params = load_params(params_path)
     tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     world = World(params.world)
-    pairs, per_state, names = evaluation_pairs(values, params, tokenizer, world)
+    per_state_keys = {(s["conversation_id"], s["turn_index"]) for s in values["per_state"]}
+    loaded = {str(Path(values["logs"]).resolve()): state_rows(params, tokenizer, world, values["logs"], per_state_keys)}
+    pairs, per_state, names = evaluation_pairs(values, loaded[str(Path(values["logs"]).resolve())], world)
+    acts = pairs["act"].to_numpy().reshape(per_state.height, len(names))
     evaluated = set(per_state["conversation_id"].to_list())
     results, trained = {}, {}
     for label, folder in train_specs.items():
-        rows, info = training_rows(params, tokenizer, world, folder, evaluated)
+        source = str(Path(folder).resolve())
+        if source not in loaded:  # the evaluated logs are read and replayed once
+            loaded[source] = state_rows(params, tokenizer, world, folder)
+        rows, info = training_rows(loaded[source], evaluated, world.vertical, folder)
         if train_rows and rows.height > train_rows:
             rows = rows.sample(train_rows, seed=seed, shuffle=True)
             info["rows_sampled"] = train_rows
         fitted = fit_and_score(rows, pairs, seed)
         trained[label] = {**info, "acts_unseen_in_training": fitted["acts_unseen_in_training"]}
         for learner in LEARNERS:
-            results[f"{label} / {learner}"] = ranking(per_state, names, fitted["scores"][learner], seed)
+            results[f"{label} / {learner}"] = ranking(per_state, names, fitted["scores"][learner], seed, acts)
     scorers = {}
     for label, folder in (q_models or {}).items():
         scored = q_model_scores(folder, pairs, params, tokenizer, world.vertical)
         scorers[label] = {"folder": folder, "target": scored["target"], "base_model": scored["base_model"]}
-        results[f"{label} / q"] = ranking(per_state, names, scored["scores"], seed)
+        results[f"{label} / q"] = ranking(per_state, names, scored["scores"], seed, acts)
     reference = {}
     for label, name in FIXED.items():
         if name in names:
             onehot = np.tile((np.array(names) == name).astype(float), len(per_state))
-            reference[label] = ranking(per_state, names, onehot, seed)
-    best = {g: None for g in ("all", "needs understood", "needs not yet understood")}
-    understood = per_state["understood"].to_numpy().astype(bool)
+            reference[label] = ranking(per_state, names, onehot, seed, acts)
     cv_gain, groups = per_state["best_gain_over_logged_cv"].to_numpy(), per_state["conversation_id"].to_numpy()
-    for g, mask in (("all", np.ones(len(cv_gain), bool)), ("needs understood", understood),
-                    ("needs not yet understood", ~understood)):
-        best[g] = {"states": int(mask.sum()), "gain_over_logged": mean_ci(cv_gain[mask], groups[mask], seed)}
+    best = {g: {"states": int(mask.sum()), "gain_over_logged": mean_ci(cv_gain[mask], groups[mask], seed)}
+            for g, mask in group_masks(per_state).items() if mask.any()}
     return {"values": values_path, "continuation": values["continuation"], "params": params_path, "seed": seed,
             "train_rows_cap": train_rows, "states": per_state.height,
             "state_conversations": int(per_state["conversation_id"].n_unique()), "candidates": names,
@@ -330,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         console.print(f"training logs '{label}': {info['conversations_used']} conversations ({info['conversions_used']} "
                       f"converted), {info['rows']} rows; calls to action at understood needs: "
                       f"{understood_cta[0]['logged_decisions'] if understood_cta else 0} of {total} logged decisions")
-    groups = ("all", "needs understood", "needs not yet understood")
+    groups = [g for g in GROUPS if g in result["world_best_cross_validated"]]
     table = Table(title=f"Greedy choice among {len(result['candidates'])} candidates at {result['states']} logged states: "
                         f"the world's Q (continuation '{result['continuation']}') of the top one minus the logged reply's; "
                         "mean [95% CI, conversations resampled]")

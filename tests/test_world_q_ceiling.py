@@ -214,13 +214,46 @@ def test_action_ranking_scores_learners_at_the_measured_states_without_training_
                       "--params", str(REPO / "params.yaml"), "--out", str(tmp_path / "ranking.json")])
     evaluated = {s["conversation_id"] for s in values["per_state"]}
     info = result["training_logs"]["scripted"]
-    assert info["conversations_dropped"] == len(evaluated) and info["conversations_used"] == 300 - len(evaluated)
+    assert info["conversations_evaluated_dropped"] == len(evaluated) and info["conversations_used"] == 300 - len(evaluated)
+    assert info["conversations_not_reproduced"] == 0
+    # the coverage counts only what the learners saw: every logged suggestion of the conversations kept
+    import polars as pl
+
+    import world_q_ceiling
+
+    logs = world_q_ceiling.read_collected_logs(str(world_logs))
+    kept = logs.filter(~pl.col("conversation_id").is_in(list(evaluated)) & pl.col("suggestion").is_not_null())
+    assert sum(c["logged_decisions"] for c in info["coverage"]) == kept.height
     assert set(result["learners"]) == {f"scripted / {name}" for name in ar.LEARNERS}
     for r in result["learners"].values():
         assert r["all"]["states"] == 12 and abs(sum(r["all"]["top_share"].values()) - 1) < 1e-9
     book = [s["q_book"] - s["q_logged"] for s in values["per_state"]]
     assert abs(result["fixed_choices"]["always a booking"]["all"]["gain_over_logged"][0] - sum(book) / len(book)) < 1e-9
     assert json.loads((tmp_path / "ranking.json").read_text())["states"] == 12
+
+    # the pairs: per_state order, then the candidates' order; acts as the world's featuriser reads the replies
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.contract import ABSTAIN_MARKER
+    from pipeline_steps.world.simulator import World
+
+    params = load_params(str(REPO / "params.yaml"))
+    world = World(params.world)
+    from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
+
+    tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
+    keys = {(s["conversation_id"], s["turn_index"]) for s in values["per_state"]}
+    loaded = ar.state_rows(params, tokenizer, world, str(world_logs), keys)
+    pairs, per_state, names = ar.evaluation_pairs(values, loaded, world)
+    assert pairs["candidate"].to_list() == names * 12
+    assert pairs["conversation_id"].to_list()[:: len(names)] == per_state["conversation_id"].to_list()
+    book = pairs.filter(pl.col("candidate") == "book")
+    assert set(book["act"].to_list()) == {world.featurizer([book["action_text"][0]])[0].act}
+    assert pairs.filter(pl.col("candidate") == "no_suggestion")["act"].null_count() == 12
+    assert set(pairs.filter(pl.col("candidate") == "no_suggestion")["action_text"].to_list()) == {ABSTAIN_MARKER}
+    logged = pairs.filter(pl.col("candidate") == "logged").join(
+        loaded["rows"].select("conversation_id", "turn_index", pl.col("action_text").alias("logged_text"),
+                              pl.col("act").alias("logged_act")), on=["conversation_id", "turn_index"])
+    assert logged.height == 12 and (logged["action_text"] == logged["logged_text"]).all()
 
 
 def test_ranking_reads_the_world_q_of_the_top_scored_candidate_and_the_within_state_order():
@@ -237,6 +270,11 @@ def test_ranking_reads_the_world_q_of_the_top_scored_candidate_and_the_within_st
     assert agree["all"]["spearman"][0] == 1.0
     assert np.isclose(agree["all"]["gain_over_logged"][0], np.mean([0.4, 0.2, 0.2]))
     assert agree["needs understood"]["top_share"] == {"book": 1.0}
+    # all tied: the pick is shared, so the gain is the mean over the candidates (a random tie-break's expected value)
+    tied = ar.ranking(per_state, names, np.zeros(q.size), seed=0, acts=[["book", "probe", "probe"]] * 3)
+    assert np.isclose(tied["all"]["gain_over_logged"][0], np.mean(q.mean(axis=1) - q[:, 2]))
+    assert tied["all"]["tied_top_states"] == 3 and np.isclose(tied["all"]["top_share"]["book"], 1 / 3)
+    assert np.isclose(tied["all"]["top_act_share"]["probe"], 2 / 3) and tied["all"]["spearman"] is None
     reverse = ar.ranking(per_state, names, -q.ravel(), seed=0)
     # the lowest: logged (0.1 - 0.1), book (0.1 - 0.2), logged (0.1 - 0.1)
     assert reverse["all"]["spearman"][0] == -1.0 and np.isclose(reverse["all"]["gain_over_logged"][0], -0.1 / 3)
