@@ -343,15 +343,31 @@ def auc(y: Any, p: Any) -> float:
     return float(roc_auc_score(y, p))
 
 
+def auc_by_ranks(y: Any, p: Any) -> float:
+    """ROC-AUC of 0/1 labels as the Mann-Whitney U statistic (tied scores count half), which is what
+    ``roc_auc_score`` returns, without its input checks: the bootstrap below calls it thousands of times, and those
+    checks were 85% of a bench's wall time."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    pos = np.asarray(y) == 1
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    return float((rankdata(p)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def paired_auc_diff_ci(y: Any, a: Any, b: Any, clusters: Any = None, n_boot: int = 1000,
                        seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap CI of AUC(a) - AUC(b) on the same rows.
+    """95% percentile-bootstrap CI of AUC(a) - AUC(b) on the same rows (0/1 labels).
 
     With ``clusters`` (one label per row) whole clusters are resampled: the turns of one conversation share
     its outcome, so resampling rows would treat them as independent evidence and give too narrow a CI.
     """
     import numpy as np
 
+    y, a, b = np.asarray(y), np.asarray(a), np.asarray(b)
+    if not set(np.unique(y).tolist()) <= {0, 1}:
+        raise ValueError(f"paired_auc_diff_ci: labels {sorted(set(np.unique(y).tolist()))[:5]}: 0/1 expected")
     rng = np.random.default_rng(seed)
     if clusters is None:
         groups = [np.array([i]) for i in range(len(y))]
@@ -362,8 +378,8 @@ def paired_auc_diff_ci(y: Any, a: Any, b: Any, clusters: Any = None, n_boot: int
     diffs = []
     for _ in range(n_boot):
         i = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
-        if len(set(y[i].tolist())) == 2:
-            diffs.append(auc(y[i], a[i]) - auc(y[i], b[i]))
+        if 0 < y[i].sum() < len(i):  # both classes drawn
+            diffs.append(auc_by_ranks(y[i], a[i]) - auc_by_ranks(y[i], b[i]))
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 

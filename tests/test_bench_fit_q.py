@@ -568,3 +568,21 @@ def test_world_log_acts_labels_each_suggestion_and_its_conversation_outcome():
     assert by_act["probe"]["one_act_auc"] > 0.5 > by_act["greet"]["one_act_auc"]
     assert info["sent_act_by_relation"] == {"book": {"verbatim": 1}, "probe": {"verbatim": 1},
                                             "greet": {"edited": 1, "rejected": 1, "verbatim": 1}}
+
+
+def test_auc_by_ranks_is_roc_auc_with_ties_and_the_bootstrap_refuses_other_labels():
+    """The bootstrap's fast AUC (Mann-Whitney U) gives scikit-learn's ROC-AUC, ties counted half; labels other than
+    0/1 are refused instead of being read as 'not 1'."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_fit_q
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    p = np.round(rng.random(500) + 0.2 * y, 1)  # many ties
+    assert abs(bench_fit_q.auc_by_ranks(y, p) - roc_auc_score(y, p)) < 1e-12
+    assert bench_fit_q.auc_by_ranks(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    with pytest.raises(ValueError, match="0/1 expected"):
+        bench_fit_q.paired_auc_diff_ci(np.array([1, 2, 1, 2]), p[:4], p[:4])
