@@ -70,7 +70,7 @@ FIXED = {"always a booking": "book", "always a needs probe": "probe", "the scrip
          "no suggestion": NO_SUGGESTION}
 
 
-def parse_train(specs: list[str], flag: str = "--train") -> dict[str, str]:
+def parse_labelled(specs: list[str], flag: str = "--train") -> dict[str, str]:
     """``LABEL=DIR`` arguments as {label: folder}."""
     out = {}
     for spec in specs:
@@ -228,11 +228,12 @@ def fit_and_score(train: Any, pairs: Any, seed: int) -> dict[str, Any]:
     # An act the training logs never show has no column: the learner scores it as it scores no suggestion.
     pairs, _ = ceiling.with_act_features(pairs.with_columns(pl.when(pl.col("act").is_in(unseen)).then(None)
                                                             .otherwise(pl.col("act")).alias("act")), act_names)
-    gated = {"hidden_state_and_act_gated": models["hidden_state_and_act_gated"]}
+    # the same act columns again, with the text-state products added (the gate names do not overlap)
     train, text_models = ceiling.with_act_features(train, act_names, [*TEXT_STATE, "turn_index"], TEXT_GATES)
     pairs, _ = ceiling.with_act_features(pairs, act_names, [*TEXT_STATE, "turn_index"], TEXT_GATES)
-    gated["text_state_and_act_gated"] = text_models["hidden_state_and_act_gated"]
-    _, preds, _ = ceiling.hidden_state_models(gated, seed)(train, pairs)
+    features = {"hidden_state_and_act_gated": models["hidden_state_and_act_gated"],
+                "text_state_and_act_gated": text_models["hidden_state_and_act_gated"]}
+    _, preds, _ = ceiling.hidden_state_models(features, seed)(train, pairs)
     preds["tfidf_lr"] = bench.tfidf_baseline(train, pairs)
     return {"scores": preds, "acts_unseen_in_training": unseen}
 
@@ -297,8 +298,9 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
     tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     world = World(params.world)
     per_state_keys = {(s["conversation_id"], s["turn_index"]) for s in values["per_state"]}
-    loaded = {str(Path(values["logs"]).resolve()): state_rows(params, tokenizer, world, values["logs"], per_state_keys)}
-    pairs, per_state, names = evaluation_pairs(values, loaded[str(Path(values["logs"]).resolve())], world)
+    evaluated_logs = str(Path(values["logs"]).resolve())
+    loaded = {evaluated_logs: state_rows(params, tokenizer, world, values["logs"], per_state_keys)}
+    pairs, per_state, names = evaluation_pairs(values, loaded[evaluated_logs], world)
     acts = pairs["act"].to_numpy().reshape(per_state.height, len(names))
     evaluated = set(per_state["conversation_id"].to_list())
     results, trained = {}, {}
@@ -351,8 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not args.train and not args.q_model:
         ap.error("nothing to score: give --train LABEL=DIR and/or --q-model LABEL=DIR")
-    result = action_ranking(args.values, parse_train(args.train, "--train"), args.params, args.train_rows, args.seed,
-                            parse_train(args.q_model, "--q-model"))
+    result = action_ranking(args.values, parse_labelled(args.train, "--train"), args.params, args.train_rows, args.seed,
+                            parse_labelled(args.q_model, "--q-model"))
     console = Console(width=160)
     for label, info in result["training_logs"].items():
         understood_cta = [c for c in info["coverage"] if c["understood"] and c["call_to_action"]]

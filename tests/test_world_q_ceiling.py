@@ -28,6 +28,14 @@ def world_logs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def base_tokenizer(params):
+    """The tokenizer of params.yaml's base model, which renders the states the ranking scores."""
+    from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
+
+    return load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
+
+
+@pytest.fixture(scope="module")
 def action_values_json(world_logs, tmp_path_factory):
     """world_action_values.py on those logs: 12 states, 4 rollouts per candidate."""
     import world_action_values as av
@@ -78,17 +86,14 @@ def test_replay_reproduces_every_logged_conversation_and_the_hidden_state_ranks_
     assert (tmp_path / "ceiling.json").exists()
 
 
-def test_the_hidden_state_is_read_before_each_logged_suggestion(world_logs):
+def test_the_hidden_state_is_read_before_each_logged_suggestion(world_logs, world):
     """Turn alignment: at turn 1 nothing is revealed or proposed yet, and a probe the business sent verbatim shows
     up as one more revealed need at the next turn (while needs are left to reveal)."""
     import polars as pl
 
     import world_q_ceiling
-    from pipeline_steps.common.config import load_params
-    from pipeline_steps.world.simulator import World
 
     logs = world_q_ceiling.read_collected_logs(str(world_logs))
-    world = World(load_params(str(REPO / "params.yaml")).world)
     states, counts = world_q_ceiling.replay(logs, world)
     assert counts["reproduced"] == 300
     first = states.filter(pl.col("turn_index") == 1)
@@ -147,7 +152,7 @@ def test_rows_of_other_logs_and_logs_not_of_the_world_are_refused(world_logs, tm
         world_q_ceiling.world_ids(["c1-000001", "chat-17"])
 
 
-def test_branching_replays_start_every_candidate_from_the_same_state_and_seeds(world_logs, action_values_json):
+def test_branching_replays_start_every_candidate_from_the_same_state_and_seeds(world_logs, action_values_json, world):
     """world_action_values: the snapshot is the conversation just before the logged turn's suggestion; rollout r of
     every candidate starts from the same seed (one text sent under two names gives the same conversations, record
     for record, while rollouts differ); the snapshot is left as it was; every drawn state is summarised."""
@@ -155,12 +160,9 @@ def test_branching_replays_start_every_candidate_from_the_same_state_and_seeds(w
 
     import world_action_values as av
     import world_q_ceiling
-    from pipeline_steps.common.config import load_params
     from pipeline_steps.world.scripted import ScriptedPolicy
-    from pipeline_steps.world.simulator import World
 
     logs = world_q_ceiling.read_collected_logs(str(world_logs))
-    world = World(load_params(str(REPO / "params.yaml")).world)
     key = tuple(logs.filter(pl.col("turn_index") == 2).sort("conversation_id").select("conversation_id", "turn_index").row(0))
     states, counts = world_q_ceiling.replay(logs, world, snapshot={key})
     snap = counts["snapshots"][key]
@@ -204,7 +206,8 @@ def test_best_action_gain_is_chosen_on_one_half_of_the_rollouts_and_scored_on_th
 
 
 def test_action_ranking_scores_learners_at_the_measured_states_without_training_on_them(world_logs, action_values_json,
-                                                                                       tmp_path):
+                                                                                       tmp_path, params, world,
+                                                                                       base_tokenizer):
     """world_action_ranking: every learner scores every candidate at every measured state; conversations holding an
     evaluated state are dropped from training; the fixed choices' gains are the world's Q differences themselves."""
     import world_action_ranking as ar
@@ -232,17 +235,10 @@ def test_action_ranking_scores_learners_at_the_measured_states_without_training_
     assert json.loads((tmp_path / "ranking.json").read_text())["states"] == 12
 
     # the pairs: per_state order, then the candidates' order; acts as the world's featuriser reads the replies
-    from pipeline_steps.common.config import load_params
     from pipeline_steps.common.contract import ABSTAIN_MARKER
-    from pipeline_steps.world.simulator import World
 
-    params = load_params(str(REPO / "params.yaml"))
-    world = World(params.world)
-    from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
-
-    tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     keys = {(s["conversation_id"], s["turn_index"]) for s in values["per_state"]}
-    loaded = ar.state_rows(params, tokenizer, world, str(world_logs), keys)
+    loaded = ar.state_rows(params, base_tokenizer, world, str(world_logs), keys)
     pairs, per_state, names = ar.evaluation_pairs(values, loaded, world)
     assert pairs["candidate"].to_list() == names * 12
     assert pairs["conversation_id"].to_list()[:: len(names)] == per_state["conversation_id"].to_list()
@@ -284,9 +280,9 @@ def test_action_ranking_refuses_bad_arguments(world_logs, action_values_json, tm
     import world_action_ranking as ar
 
     with pytest.raises(SystemExit, match="LABEL=DIR"):
-        ar.parse_train(["data/logs"])
+        ar.parse_labelled(["data/logs"])
     with pytest.raises(SystemExit, match="given twice"):
-        ar.parse_train(["a=x", "a=y"])
+        ar.parse_labelled(["a=x", "a=y"])
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"auc": {}}))
     with pytest.raises(SystemExit, match="world_action_values.py result"):
@@ -299,17 +295,14 @@ def test_action_ranking_refuses_bad_arguments(world_logs, action_values_json, tm
         ar.action_ranking(str(moved), {"scripted": str(world_logs)}, str(REPO / "params.yaml"))
 
 
-def test_text_state_reads_what_the_expert_acted_on(world_logs):
+def test_text_state_reads_what_the_expert_acted_on(world_logs, world):
     """world_action_ranking.text_state: at every turn where the scripted expert answered, the customer had asked a
     question; where it proposed a tailored visit, the customer had stated every need, given a ready cue or declined."""
     import polars as pl
 
     import world_action_ranking as ar
     import world_q_ceiling
-    from pipeline_steps.common.config import load_params
-    from pipeline_steps.world.simulator import load_vertical
-
-    vertical = load_vertical(load_params(str(REPO / "params.yaml")).world.vertical)
+    vertical = world.vertical
     logs = world_q_ceiling.read_collected_logs(str(world_logs / "expert"))
     frame = logs.join(ar.text_state(logs, vertical), on=["conversation_id", "turn_index"], how="inner")
     assert frame.height == logs.filter(pl.col("customer_message").is_not_null()).height
@@ -324,28 +317,26 @@ def test_text_state_reads_what_the_expert_acted_on(world_logs):
 
 
 def test_action_ranking_scores_a_trained_q_and_refuses_one_fitted_under_other_params(action_values_json, tiny_model_dir,
-                                                                                   tmp_path, capsys):
+                                                                                   tmp_path, capsys, params, world,
+                                                                                   base_tokenizer):
     """--q-model: a scorer folder with fit_q's manifest scores every candidate at every state; one whose returns
     metadata (tokenizer, prompt, base model) differs from the params the states are rendered under is refused."""
     from transformers import AutoModelForSequenceClassification
 
     import world_action_ranking as ar
-    from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
-    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.base_model import load_tokenizer
     from pipeline_steps.common.contract import system_prompt_for
     from pipeline_steps.common.q_model import MANIFEST
     from pipeline_steps.common.tracking import write_json
     from pipeline_steps.returns import returns_metadata
-    from pipeline_steps.world.simulator import load_vertical
 
-    params = load_params(str(REPO / "params.yaml"))
-    tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
+    tokenizer = base_tokenizer
     scorer = tmp_path / "scorer"
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(scorer)
     load_tokenizer(tiny_model_dir).save_pretrained(scorer)
-    trained_on = returns_metadata(params, tokenizer, system_prompt_for(load_vertical(params.world.vertical)))
+    trained_on = returns_metadata(params, tokenizer, system_prompt_for(world.vertical))
     write_json(scorer / MANIFEST, {"returns_metadata": trained_on, "max_action_tokens": 64, "target": "a test scorer"})
     args = ["--values", str(action_values_json), "--q-model", f"tiny={scorer}", "--params", str(REPO / "params.yaml")]
     result = ar.main(args)
