@@ -29,7 +29,15 @@ learner is what falls short:
      reply's dialogue act and the act's products with the state (``world_q_ceiling.py``'s model): what a learner
      that saw the true state could take from these logs.
    And any trained Q (``--q-model LABEL=DIR``: fit_q's ``scorer/`` or ``adapter/``, e.g. from a GPU run), fitted
-   under the same params: the check that matters before PPO climbs it.
+   under the same params: the check that matters before PPO climbs it. ``--export-train LABEL=FILE`` writes a
+   training set as the returns step writes it (its columns and metadata), so ``python -m pipeline_steps.fit_q
+   --input FILE`` fits that Q on exactly the rows the other learners saw::
+
+       .venv/bin/python benchmarks/world_action_ranking.py --values .../world_action_values_abstain.json \\
+           --train explore=.../explore_logs_2048 --export-train explore=data/bench/explore_train_returns.parquet
+       .venv/bin/python -m pipeline_steps.fit_q --params <params with the fit_q budget> \\
+           --input data/bench/explore_train_returns.parquet --out data/bench/q_explore --no-mlflow
+       .venv/bin/python benchmarks/world_action_ranking.py ... --q-model q=data/bench/q_explore/scorer
 3. **Scoring** at every state of ``--values``: each learner scores the same candidates the world was measured on
    (one template per act, the scripted expert's reply, the logged reply, none). Reported, as mean over states with
    95% CIs that resample conversations:
@@ -47,6 +55,7 @@ text learner from neither, reading the state from the text is what falls short (
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -196,9 +205,12 @@ def evaluation_pairs(values: dict[str, Any], loaded: dict[str, Any], world: Any)
     return frame, per_state, names
 
 
-def q_model_scores(folder: str, pairs: Any, params: Any, tokenizer: Any, vertical: dict[str, Any]) -> dict[str, Any]:
+def q_model_scores(folder: str, pairs: Any, params: Any, tokenizer: Any, vertical: dict[str, Any],
+                   cache_dir: str | None = None) -> dict[str, Any]:
     """A trained Q (fit_q's ``scorer/`` or ``adapter/``) scores every evaluation pair, reading the states as this script
     rendered them: a Q fitted on returns of another tokenizer, prompt or base model is refused (its manifest)."""
+    import numpy as np
+
     from pipeline_steps.common.contract import system_prompt_for
     from pipeline_steps.common.q_model import load_scorer, read_manifest, score
     from pipeline_steps.returns import ReturnsError, check_compatible, returns_metadata
@@ -212,10 +224,49 @@ def q_model_scores(folder: str, pairs: Any, params: Any, tokenizer: Any, vertica
         check_compatible(trained_on, returns_metadata(params, tokenizer, system_prompt_for(vertical)), f"--q-model {folder}")
     except ReturnsError as exc:
         raise SystemExit(f"{exc} (run this script with the params Q was fitted under)") from exc
-    model, q_tokenizer = load_scorer(folder)
-    scores = score(model, q_tokenizer, pairs["state_text"].to_list(), pairs["action_text"].to_list(),
-                   max_action_tokens=manifest.get("max_action_tokens"))
-    return {"scores": scores, "target": manifest.get("target"), "base_model": manifest.get("base_model")}
+    states, replies = pairs["state_text"].to_list(), pairs["action_text"].to_list()
+    # The same pairs under both continuations' values: scores are cached by the scorer's weights and the pairs' texts.
+    key = hashlib.sha256(json.dumps([weights_digest(folder), manifest, states, replies]).encode()).hexdigest()
+    cached = Path(cache_dir) / f"q_scores.{key[:16]}.npy" if cache_dir else None
+    if cached is not None and cached.exists():
+        scores, seconds = np.load(cached), 0.0
+    else:
+        t0 = time.perf_counter()
+        model, q_tokenizer = load_scorer(folder)
+        scores = score(model, q_tokenizer, states, replies, max_action_tokens=manifest.get("max_action_tokens"),
+                       progress=True)
+        seconds = time.perf_counter() - t0
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cached, scores)
+    return {"scores": scores, "target": manifest.get("target"), "base_model": manifest.get("base_model"),
+            "score_seconds": seconds, "cache": str(cached) if cached is not None else None}
+
+
+def weights_digest(folder: str) -> str:
+    """SHA-256 over a model folder's weight files (names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def export_returns(rows: Any, params: Any, tokenizer: Any, vertical: dict[str, Any], path: str) -> dict[str, Any]:
+    """``rows`` (training rows of one label) as a returns file: the returns step's columns, schema and metadata, so
+    fit_q reads it like the step's own output and a Q fitted on it passes ``--q-model``'s compatibility check."""
+    from pipeline_steps.common.contract import system_prompt_for
+    from pipeline_steps.common.parquet_io import write_parquet
+    from pipeline_steps.returns import RETURNS_SCHEMA, returns_metadata
+
+    table = (rows.sort(["conversation_id", "turn_index"]).select(RETURNS_SCHEMA.names).to_arrow().cast(RETURNS_SCHEMA)
+             .replace_schema_metadata(returns_metadata(params, tokenizer, system_prompt_for(vertical))))
+    write_parquet(table, path)
+    split = table.column("split").to_pylist()
+    return {"path": path, "rows": table.num_rows, "train_rows": split.count("train"),
+            "validation_rows": split.count("validation")}
 
 
 def fit_and_score(train: Any, pairs: Any, seed: int) -> dict[str, Any]:
@@ -285,7 +336,8 @@ def ranking(per_state: Any, names: list[str], scores: Any, seed: int, acts: Any 
 
 
 def action_ranking(values_path: str, train_specs: dict[str, str], params_path: str = "params.yaml",
-                   train_rows: int | None = None, seed: int = 0, q_models: dict[str, str] | None = None) -> dict[str, Any]:
+                   train_rows: int | None = None, seed: int = 0, q_models: dict[str, str] | None = None,
+                   export_train: dict[str, str] | None = None, q_cache: str | None = None) -> dict[str, Any]:
     import numpy as np
 
     from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
@@ -293,6 +345,9 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
     from pipeline_steps.world.simulator import World
 
     t0 = time.perf_counter()
+    unknown = sorted(set(export_train or {}) - set(train_specs))
+    if unknown:
+        raise SystemExit(f"--export-train {unknown[0]}: no --train with that label (labels: {sorted(train_specs)})")
     values = read_values(values_path)
     params = load_params(params_path)
     tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
@@ -314,12 +369,15 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
             info["rows_sampled"] = train_rows
         fitted = fit_and_score(rows, pairs, seed)
         trained[label] = {**info, "acts_unseen_in_training": fitted["acts_unseen_in_training"]}
+        if label in (export_train or {}):
+            trained[label]["exported"] = export_returns(rows, params, tokenizer, world.vertical, export_train[label])
         for learner in LEARNERS:
             results[f"{label} / {learner}"] = ranking(per_state, names, fitted["scores"][learner], seed, acts)
     scorers = {}
     for label, folder in (q_models or {}).items():
-        scored = q_model_scores(folder, pairs, params, tokenizer, world.vertical)
-        scorers[label] = {"folder": folder, "target": scored["target"], "base_model": scored["base_model"]}
+        scored = q_model_scores(folder, pairs, params, tokenizer, world.vertical, q_cache)
+        scorers[label] = {"folder": folder, "target": scored["target"], "base_model": scored["base_model"],
+                          "pairs": len(scored["scores"]), "score_seconds": scored["score_seconds"], "cache": scored["cache"]}
         results[f"{label} / q"] = ranking(per_state, names, scored["scores"], seed, acts)
     reference = {}
     for label, name in FIXED.items():
@@ -343,6 +401,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="training logs collect wrote in the world (repeatable)")
     ap.add_argument("--q-model", action="append", default=[], metavar="LABEL=DIR",
                     help="a trained Q to score as well: fit_q's scorer/ or adapter/ folder (repeatable)")
+    ap.add_argument("--export-train", action="append", default=[], metavar="LABEL=FILE",
+                    help="write a --train label's training rows as a returns file, for fit_q --input (repeatable)")
+    ap.add_argument("--q-cache", default=None, metavar="DIR",
+                    help="keep --q-model scores here (keyed by the weights and the pairs), e.g. for the other continuation")
     ap.add_argument("--params", default="params.yaml", help="params.yaml whose world wrote the logs")
     ap.add_argument("--train-rows", type=int, default=None, help="cap each training set's rows (a seeded sample)")
     ap.add_argument("--seed", type=int, default=0)
@@ -354,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.train and not args.q_model:
         ap.error("nothing to score: give --train LABEL=DIR and/or --q-model LABEL=DIR")
     result = action_ranking(args.values, parse_labelled(args.train, "--train"), args.params, args.train_rows, args.seed,
-                            parse_labelled(args.q_model, "--q-model"))
+                            parse_labelled(args.q_model, "--q-model"), parse_labelled(args.export_train, "--export-train"),
+                            args.q_cache)
     console = Console(width=160)
     for label, info in result["training_logs"].items():
         understood_cta = [c for c in info["coverage"] if c["understood"] and c["call_to_action"]]

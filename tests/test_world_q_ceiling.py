@@ -213,11 +213,26 @@ def test_action_ranking_scores_learners_at_the_measured_states_without_training_
     import world_action_ranking as ar
 
     values = json.loads(action_values_json.read_text())
+    exported = tmp_path / "train_returns.parquet"
     result = ar.main(["--values", str(action_values_json), "--train", f"scripted={world_logs}",
+                      "--export-train", f"scripted={exported}",
                       "--params", str(REPO / "params.yaml"), "--out", str(tmp_path / "ranking.json")])
     evaluated = {s["conversation_id"] for s in values["per_state"]}
     info = result["training_logs"]["scripted"]
     assert info["conversations_evaluated_dropped"] == len(evaluated) and info["conversations_used"] == 300 - len(evaluated)
+    # --export-train: the learners' training rows as a returns file that fit_q accepts under the same params
+    from pipeline_steps import fit_q
+    from pipeline_steps.common.contract import system_prompt_for
+
+    table = fit_q.read_returns(exported)
+    fit_q.check_rows(table, str(exported))
+    fit_q.check_returns_metadata(exported, params, base_tokenizer, system_prompt_for(world.vertical))
+    assert table.num_rows == info["rows"] == info["exported"]["rows"]
+    assert not evaluated & set(table.column("conversation_id").to_pylist())
+    assert info["exported"]["train_rows"] + info["exported"]["validation_rows"] == table.num_rows
+    with pytest.raises(SystemExit, match="--export-train other: no --train with that label"):
+        ar.main(["--values", str(action_values_json), "--train", f"scripted={world_logs}",
+                 "--export-train", f"other={exported}", "--params", str(REPO / "params.yaml")])
     assert info["conversations_not_reproduced"] == 0
     # the coverage counts only what the learners saw: every logged suggestion of the conversations kept
     import polars as pl
@@ -339,9 +354,20 @@ def test_action_ranking_scores_a_trained_q_and_refuses_one_fitted_under_other_pa
     trained_on = returns_metadata(params, tokenizer, system_prompt_for(world.vertical))
     write_json(scorer / MANIFEST, {"returns_metadata": trained_on, "max_action_tokens": 64, "target": "a test scorer"})
     args = ["--values", str(action_values_json), "--q-model", f"tiny={scorer}", "--params", str(REPO / "params.yaml")]
-    result = ar.main(args)
+    result = ar.main([*args, "--q-cache", str(tmp_path / "cache")])
     assert set(result["learners"]) == {"tiny / q"} and result["q_models"]["tiny"]["target"] == "a test scorer"
     assert result["learners"]["tiny / q"]["all"]["states"] == 12
+    # --q-cache: the same weights and pairs are scored once; other weights are scored anew
+    again = ar.main([*args, "--q-cache", str(tmp_path / "cache")])
+    assert again["q_models"]["tiny"]["score_seconds"] == 0.0 < result["q_models"]["tiny"]["score_seconds"]
+    assert again["learners"] == result["learners"]
+    import torch
+
+    with torch.no_grad():
+        model.score.weight.add_(1.0)
+    model.save_pretrained(scorer)
+    changed = ar.main([*args, "--q-cache", str(tmp_path / "cache")])
+    assert changed["q_models"]["tiny"]["score_seconds"] > 0 and changed["q_models"]["tiny"]["cache"] != result["q_models"]["tiny"]["cache"]
     write_json(scorer / MANIFEST, {"returns_metadata": {**trained_on, "prompt_version": "v0"}})
     with pytest.raises(SystemExit, match="returns_compatible.*prompt_version"):
         ar.main(args)
