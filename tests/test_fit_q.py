@@ -154,6 +154,24 @@ def test_score_equals_what_trl_ppo_reward_model_returns(trained, world_returns):
             assert seen == q_input_ids(tok, s, a, MAX_ACTION)
 
 
+def test_scoring_shared_states_once_gives_the_same_q(trained, world_returns):
+    """score_by_state (each state's tokens run once, its actions on the cached keys and values) equals score, for the
+    merged scorer and the LoRA adapter, with states holding pad-id tokens, actions cut at EOS and an empty action."""
+    from pipeline_steps.common.q_model import score_by_state
+
+    rows = sorted(pq.read_table(world_returns).to_pylist(), key=lambda r: len(r["state_text"]))
+    picked = [rows[0]["state_text"], rows[len(rows) // 2]["state_text"], rows[-1]["state_text"]]
+    replies = [r["action_text"] for r in rows[:5]] + [ABSTAIN_MARKER, "Shall we book a visit?<|im_end|> and more", ""]
+    states = [s for s in picked for _ in replies]
+    actions = replies * len(picked)
+    for folder in ("scorer", "adapter"):
+        model, tok = load_scorer(trained / "model" / folder)
+        full = score(model, tok, states, actions, batch_size=4, max_action_tokens=MAX_ACTION)
+        shared = score_by_state(model, tok, states, actions, batch_size=3, max_action_tokens=MAX_ACTION)
+        np.testing.assert_allclose(shared, full, atol=1e-5)
+        assert np.ptp(full) > 0
+
+
 def test_merged_scorer_equals_adapter_plus_base(trained, world_returns):
     rows = pq.read_table(world_returns).to_pylist()[:12]
     states, actions = [r["state_text"] for r in rows], [r["action_text"] for r in rows]
