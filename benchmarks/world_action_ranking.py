@@ -60,7 +60,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -338,7 +338,8 @@ def ranking(per_state: Any, names: list[str], scores: Any, seed: int, acts: Any 
 
 def action_ranking(values_path: str, train_specs: dict[str, str], params_path: str = "params.yaml",
                    train_rows: int | None = None, seed: int = 0, q_models: dict[str, str] | None = None,
-                   export_train: dict[str, str] | None = None, q_cache: str | None = None) -> dict[str, Any]:
+                   export_train: dict[str, str] | None = None, q_cache: str | None = None,
+                   drop_candidates: Sequence[str] = ()) -> dict[str, Any]:
     import numpy as np
 
     from pipeline_steps.common.base_model import load_tokenizer, resolve_base_model
@@ -350,6 +351,10 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
     if unknown:
         raise SystemExit(f"--export-train {unknown[0]}: no --train with that label (labels: {sorted(train_specs)})")
     values = read_values(values_path)
+    bad = [d for d in drop_candidates if d not in values["candidates"] or d == LOGGED]
+    if bad:
+        raise SystemExit(f"--drop-candidate {bad[0]}: expected one of the candidates other than {LOGGED!r} "
+                         f"({', '.join(c for c in values['candidates'] if c != LOGGED)})")
     params = load_params(params_path)
     tokenizer = load_tokenizer(resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir))
     world = World(params.world)
@@ -359,6 +364,13 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
     pairs, per_state, names = evaluation_pairs(values, loaded[evaluated_logs], world)
     acts = pairs["act"].to_numpy().reshape(per_state.height, len(names))
     evaluated = set(per_state["conversation_id"].to_list())
+    # Candidates left out of every chooser's pick (e.g. the abstain marker: a generated reply is text).
+    kept = [i for i, n in enumerate(names) if n not in drop_candidates]
+
+    def rank(scores: Any) -> dict[str, Any]:
+        s = np.asarray(scores, dtype=float).reshape(len(per_state), len(names))[:, kept]
+        return ranking(per_state, [names[i] for i in kept], s.ravel(), seed, acts[:, kept])
+
     results, trained = {}, {}
     for label, folder in train_specs.items():
         source = str(Path(folder).resolve())
@@ -373,24 +385,24 @@ def action_ranking(values_path: str, train_specs: dict[str, str], params_path: s
         if label in (export_train or {}):
             trained[label]["exported"] = export_returns(rows, params, tokenizer, world.vertical, export_train[label])
         for learner in LEARNERS:
-            results[f"{label} / {learner}"] = ranking(per_state, names, fitted["scores"][learner], seed, acts)
+            results[f"{label} / {learner}"] = rank(fitted["scores"][learner])
     scorers = {}
     for label, folder in (q_models or {}).items():
         scored = q_model_scores(folder, pairs, params, tokenizer, world.vertical, q_cache)
         scorers[label] = {"folder": folder, "target": scored["target"], "base_model": scored["base_model"],
                           "pairs": len(scored["scores"]), "score_seconds": scored["score_seconds"], "cache": scored["cache"]}
-        results[f"{label} / q"] = ranking(per_state, names, scored["scores"], seed, acts)
+        results[f"{label} / q"] = rank(scored["scores"])
     reference = {}
     for label, name in FIXED.items():
-        if name in names:
-            onehot = np.tile((np.array(names) == name).astype(float), len(per_state))
-            reference[label] = ranking(per_state, names, onehot, seed, acts)
+        if name in names and name not in drop_candidates:
+            reference[label] = rank(np.tile((np.array(names) == name).astype(float), len(per_state)))
     cv_gain, groups = per_state["best_gain_over_logged_cv"].to_numpy(), per_state["conversation_id"].to_numpy()
     best = {g: {"states": int(mask.sum()), "gain_over_logged": mean_ci(cv_gain[mask], groups[mask], seed)}
             for g, mask in group_masks(per_state).items() if mask.any()}
     return {"values": values_path, "continuation": values["continuation"], "params": params_path, "seed": seed,
             "train_rows_cap": train_rows, "states": per_state.height,
             "state_conversations": int(per_state["conversation_id"].n_unique()), "candidates": names,
+            "dropped_candidates": list(drop_candidates),
             "training_logs": trained, "q_models": scorers, "learners": results, "fixed_choices": reference,
             "world_best_cross_validated": best, "seconds": time.perf_counter() - t0}
 
@@ -406,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="write a --train label's training rows as a returns file, for fit_q --input (repeatable)")
     ap.add_argument("--q-cache", default=None, metavar="DIR",
                     help="keep --q-model scores here (keyed by the weights and the pairs), e.g. for the other continuation")
+    ap.add_argument("--drop-candidate", action="append", default=[], metavar="NAME",
+                    help="leave a candidate out of every pick, e.g. no_suggestion (the world's best keeps all)")
     ap.add_argument("--params", default="params.yaml", help="params.yaml whose world wrote the logs")
     ap.add_argument("--train-rows", type=int, default=None, help="cap each training set's rows (a seeded sample)")
     ap.add_argument("--seed", type=int, default=0)
@@ -418,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("nothing to score: give --train LABEL=DIR and/or --q-model LABEL=DIR")
     result = action_ranking(args.values, parse_labelled(args.train, "--train"), args.params, args.train_rows, args.seed,
                             parse_labelled(args.q_model, "--q-model"), parse_labelled(args.export_train, "--export-train"),
-                            args.q_cache)
+                            args.q_cache, args.drop_candidate)
     console = Console(width=160)
     for label, info in result["training_logs"].items():
         understood_cta = [c for c in info["coverage"] if c["understood"] and c["call_to_action"]]

@@ -361,6 +361,13 @@ def test_action_ranking_scores_a_trained_q_and_refuses_one_fitted_under_other_pa
     again = ar.main([*args, "--q-cache", str(tmp_path / "cache")])
     assert again["q_models"]["tiny"]["score_seconds"] == 0.0 < result["q_models"]["tiny"]["score_seconds"]
     assert again["learners"] == result["learners"]
+    # --drop-candidate: the abstain marker is left out of every pick; the logged reply (the reference) cannot be
+    dropped = ar.main([*args, "--q-cache", str(tmp_path / "cache"), "--drop-candidate", "no_suggestion"])
+    picks = dropped["learners"]["tiny / q"]["all"]
+    assert "no_suggestion" not in picks["top_share"] and abs(sum(picks["top_share"].values()) - 1) < 1e-9
+    assert "no suggestion" not in dropped["fixed_choices"] and dropped["dropped_candidates"] == ["no_suggestion"]
+    with pytest.raises(SystemExit, match="--drop-candidate logged"):
+        ar.main([*args, "--drop-candidate", "logged"])
     import torch
 
     with torch.no_grad():
