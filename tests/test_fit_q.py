@@ -304,3 +304,16 @@ def test_missing_base_model_is_a_clear_error(tmp_path, q_params_file, world_retu
 def test_cli_help():
     res = subprocess.run([sys.executable, "-m", "pipeline_steps.fit_q", "--help"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0 and "--metrics" in res.stdout and "--plots" in res.stdout
+
+
+def test_q_scoring_bench_prints_both_ways_on_the_same_pairs(trained, world_returns, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_q_scoring
+
+    r = bench_q_scoring.main(["--scorer", str(trained / "model" / "scorer"), "--returns", str(world_returns),
+                              "--states", "3", "--replies", "4", "--repeats", "1"])
+    assert r["pairs"] == 12 and r["max_abs_diff"] < 1e-5 and set(r["pairs_per_second"]) == {"score", "score_by_state"}
+    out = capsys.readouterr().out
+    assert "score_by_state (state once)" in out and "ratio" in out
+    with pytest.raises(SystemExit, match=">= 1"):
+        bench_q_scoring.main(["--scorer", str(trained / "model" / "scorer"), "--returns", str(world_returns), "--states", "0"])
