@@ -226,8 +226,10 @@ def q_model_scores(folder: str, pairs: Any, params: Any, tokenizer: Any, vertica
         raise SystemExit(f"{exc} (run this script with the params Q was fitted under)") from exc
     states, replies = pairs["state_text"].to_list(), pairs["action_text"].to_list()
     # The same pairs under both continuations' values: scores are cached by the scorer's weights and the pairs' texts.
-    key = hashlib.sha256(json.dumps([weights_digest(folder), manifest, states, replies]).encode()).hexdigest()
-    cached = Path(cache_dir) / f"q_scores.{key[:16]}.npy" if cache_dir else None
+    cached = None
+    if cache_dir:  # hashing the weights costs a read of them: only when there is a cache to look in
+        key = hashlib.sha256(json.dumps([weights_digest(folder), manifest, states, replies]).encode()).hexdigest()
+        cached = Path(cache_dir) / f"q_scores.{key[:16]}.npy"
     if cached is not None and cached.exists():
         scores, seconds = np.load(cached), 0.0
     else:
@@ -246,13 +248,10 @@ def q_model_scores(folder: str, pairs: Any, params: Any, tokenizer: Any, vertica
 
 def weights_digest(folder: str) -> str:
     """SHA-256 over a model folder's weight files (names and bytes)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    from fetch_dealornodeal import file_sha256
+
+    files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin"))
+    return hashlib.sha256(json.dumps([[f.name, file_sha256(f)] for f in files]).encode()).hexdigest()
 
 
 def export_returns(rows: Any, params: Any, tokenizer: Any, vertical: dict[str, Any], path: str) -> dict[str, Any]:
@@ -260,10 +259,9 @@ def export_returns(rows: Any, params: Any, tokenizer: Any, vertical: dict[str, A
     fit_q reads it like the step's own output and a Q fitted on it passes ``--q-model``'s compatibility check."""
     from pipeline_steps.common.contract import system_prompt_for
     from pipeline_steps.common.parquet_io import write_parquet
-    from pipeline_steps.returns import RETURNS_SCHEMA, returns_metadata
+    from pipeline_steps.returns import returns_table
 
-    table = (rows.sort(["conversation_id", "turn_index"]).select(RETURNS_SCHEMA.names).to_arrow().cast(RETURNS_SCHEMA)
-             .replace_schema_metadata(returns_metadata(params, tokenizer, system_prompt_for(vertical))))
+    table = returns_table(rows.sort(["conversation_id", "turn_index"]), params, tokenizer, system_prompt_for(vertical))
     write_parquet(table, path)
     split = table.column("split").to_pylist()
     return {"path": path, "rows": table.num_rows, "train_rows": split.count("train"),

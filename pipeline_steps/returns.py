@@ -244,7 +244,14 @@ def build_returns(
         "relation",
         pl.lit(params.prompt.version, pl.String).alias("prompt_version"),
     )
-    table = out.to_arrow().cast(RETURNS_SCHEMA) if out.height else RETURNS_SCHEMA.empty_table()
+    return returns_table(out, params, tokenizer, system_prompt)
+
+
+def returns_table(rows: pl.DataFrame, params: Params, tokenizer: Any, system_prompt: str) -> pa.Table:
+    """``rows`` (the RETURNS_SCHEMA columns, any others dropped) as the step writes them: that schema and the
+    metadata later steps check (:func:`check_compatible`)."""
+    rows = rows.select(RETURNS_SCHEMA.names)
+    table = rows.to_arrow().cast(RETURNS_SCHEMA) if rows.height else RETURNS_SCHEMA.empty_table()
     return table.replace_schema_metadata(returns_metadata(params, tokenizer, system_prompt))
 
 

@@ -49,12 +49,14 @@ def encode(tokenizer: Any, state_text: str, action: str, max_action_tokens: int 
     """
     ids = q_input_ids(tokenizer, state_text, action, max_action_tokens)
     n_action = len(q_input_ids(tokenizer, "", action, max_action_tokens))  # "" tokenises to no ids
-    n_query = len(ids) - n_action
+    return ids[: len(ids) - n_action] + response_ids(tokenizer, action, max_action_tokens)
+
+
+def response_ids(tokenizer: Any, action: str, max_action_tokens: int | None = None) -> list[int]:
+    """The action's part of :func:`encode`: its ids (at most ``max_action_tokens``), cut before the first pad id."""
+    response = q_input_ids(tokenizer, "", action, max_action_tokens)
     pad = tokenizer.pad_token_id
-    response = ids[n_query:]
-    if pad in response:
-        response = response[: response.index(pad)]
-    return ids[:n_query] + response
+    return response[: response.index(pad)] if pad in response else response
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -147,7 +149,7 @@ def score_by_state(
         raise ValueError(f"score_by_state: {len(states)} states but {len(actions)} actions")
     pad = tokenizer.pad_token_id
     query_of = {s: tokenizer(s, add_special_tokens=False)["input_ids"] for s in dict.fromkeys(states)}
-    responses = [encode(tokenizer, s, a, max_action_tokens)[len(query_of[s]):] for s, a in zip(states, actions)]
+    responses = [response_ids(tokenizer, a, max_action_tokens) for a in actions]
     out = np.empty(len(states), dtype=np.float64)
     empty = [i for i, r in enumerate(responses) if not r]
     if empty:
