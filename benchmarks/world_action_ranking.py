@@ -71,7 +71,7 @@ from world_log_acts import label_acts  # noqa: E402
 from world_action_values import EXPERT, LOGGED, NO_SUGGESTION, candidate_suggestions, logged_coverage, mean_ci  # noqa: E402
 
 LEARNERS = ("tfidf_lr", "text_state_and_act_gated", "hidden_state_and_act_gated")
-# What the text shows of the state, as the scripted expert reads it (ScriptedPolicy.read_state), and the part of it
+# What the text shows of the state, as the scripted expert reads it (world.state_reader), and the part of it
 # an act's effect is gated on.
 TEXT_STATE = ("stated_needs", "project_needs", "needs_unstated", "all_stated", "ready_cue", "declined", "asked_question")
 TEXT_GATES = ("all_stated", "needs_unstated", "ready_cue", "asked_question")
@@ -109,9 +109,9 @@ def text_state(logs: Any, vertical: dict[str, Any]) -> Any:
     import polars as pl
 
     from pipeline_steps.common.contract import HistoryTurn
-    from pipeline_steps.world.scripted import ScriptedPolicy
+    from pipeline_steps.world.state_reader import CustomerStateReader
 
-    reader = ScriptedPolicy("expert", vertical)
+    reader = CustomerStateReader(vertical)
     rows, history, current = [], [], None
     for rec in logs.sort("conversation_id", "turn_index").select("conversation_id", "turn_index", "customer_message").iter_rows(named=True):
         if rec["conversation_id"] != current:
@@ -119,12 +119,12 @@ def text_state(logs: Any, vertical: dict[str, Any]) -> Any:
         if rec["customer_message"] is None:  # the customer left: no suggestion follows
             continue
         history.append(HistoryTurn(rec["customer_message"]))
-        seen = reader.read_state(history)
-        stated = len(seen["revealed"])
+        seen = reader.read(history)
+        stated, needs = len(seen.revealed), len(seen.project_needs)
         rows.append({"conversation_id": rec["conversation_id"], "turn_index": rec["turn_index"], "stated_needs": stated,
-                     "project_needs": seen["project_needs"], "needs_unstated": seen["project_needs"] - stated,
-                     "all_stated": float(stated == seen["project_needs"]), "ready_cue": float(seen["ready"]),
-                     "declined": float(seen["declined"]), "asked_question": float(seen["asked_question"])})
+                     "project_needs": needs, "needs_unstated": needs - stated,
+                     "all_stated": float(stated == needs), "ready_cue": float(seen.ready),
+                     "declined": float(seen.declined), "asked_question": float(seen.asked_question)})
     return pl.DataFrame(rows)
 
 

@@ -145,8 +145,12 @@ def register(
                 mlflow.log_artifact(str(f), artifact_path="evidence")
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = Path(tmp) / "policy_config.json"
+                vertical = load_vertical(params.world.vertical)
                 cfg.write_text(json.dumps({
-                    "system_prompt": system_prompt_for(load_vertical(params.world.vertical)),
+                    "system_prompt": system_prompt_for(vertical),
+                    # The served policy renders the notes pi was trained with (the profile travels with it).
+                    "state_notes": params.prompt.state_notes,
+                    "vertical": vertical if params.prompt.state_notes != "none" else None,
                     "max_prompt_tokens": params.prompt.max_prompt_tokens, "max_new_tokens": params.collect.max_new_tokens,
                     "temperature": 0.0, "repetition_penalty": params.collect.repetition_penalty, "policy_id": reg.policy_model_name,
                 }))

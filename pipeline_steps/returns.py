@@ -27,7 +27,7 @@ import argparse
 import hashlib
 import json
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -38,6 +38,7 @@ from pipeline_steps.common.config import ConfigError, Params, load_params
 from pipeline_steps.common.contract import ABSTAIN_MARKER, CONTRACT_VERSION, LOG_SCHEMA, HistoryTurn, render_state, state_messages
 from pipeline_steps.common.parquet_io import write_parquet
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
+from pipeline_steps.world.state_reader import prompt_notes
 
 STEP = "returns"
 RETURNS_FORMAT = "1"
@@ -55,7 +56,10 @@ RETURNS_SCHEMA = pa.schema(
     ]
 )
 # Metadata keys a consumer must match before training on the file.
-COMPAT_KEYS = ("returns_format", "base_model", "tokenizer_sha256", "prompt_version", "max_prompt_tokens", "system_prompt_sha256")
+COMPAT_KEYS = ("returns_format", "base_model", "tokenizer_sha256", "prompt_version", "state_notes", "max_prompt_tokens",
+               "system_prompt_sha256")
+# What a file written before a key existed was rendered with.
+COMPAT_DEFAULTS = {"state_notes": "none"}
 
 
 class ReturnsError(ValueError):
@@ -136,6 +140,7 @@ def render_states(
     max_prompt_tokens: int,
     batch_size: int = 256,
     progress: bool = False,
+    notes: Callable[[Sequence[HistoryTurn]], str] | None = None,
 ) -> list[str]:
     """``render_state`` of the state at each record index (``turns`` sorted by conversation, turn).
 
@@ -164,13 +169,14 @@ def render_states(
     for b in range(0, len(wanted), batch_size):
         chunk = wanted[b : b + batch_size]
         hists = [history[starts[i] : i + 1] for i in chunk]
+        lines = [notes(h) if notes is not None else None for h in hists]
         texts = [
-            tokenizer.apply_chat_template(state_messages(h, system_prompt), tokenize=False, add_generation_prompt=True)
-            for h in hists
+            tokenizer.apply_chat_template(state_messages(h, system_prompt, line), tokenize=False, add_generation_prompt=True)
+            for h, line in zip(hists, lines)
         ]
         lengths = [len(ids_) for ids_ in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        for i, h, text, n in zip(chunk, hists, texts, lengths):
-            out[i] = text if n <= max_prompt_tokens else render_state(h, tokenizer, system_prompt, max_prompt_tokens)
+        for i, h, line, text, n in zip(chunk, hists, lines, texts, lengths):
+            out[i] = text if n <= max_prompt_tokens else render_state(h, tokenizer, system_prompt, max_prompt_tokens, line)
         bar.update(len(chunk))
     bar.close()
     return [out[i] for i in record_indices]
@@ -196,6 +202,7 @@ def returns_metadata(params: Params, tokenizer: Any, system_prompt: str) -> dict
         "base_model": params.base_model.name_or_path,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "prompt_version": params.prompt.version,
+        "state_notes": params.prompt.state_notes,
         "max_prompt_tokens": str(params.prompt.max_prompt_tokens),
         "system_prompt_sha256": hashlib.sha256(system_prompt.encode()).hexdigest(),
         "gamma": repr(params.returns.gamma),
@@ -213,7 +220,11 @@ def read_metadata(path: str) -> dict[str, str]:
 
 def check_compatible(found: dict[str, str], expected: dict[str, str], where: str) -> None:
     """Refuse a returns file rendered with another tokenizer, prompt or format (later steps call this)."""
-    diffs = [f"{k}: file has {found.get(k)!r}, expected {expected.get(k)!r}" for k in COMPAT_KEYS if found.get(k) != expected.get(k)]
+    def value(meta: dict[str, str], k: str) -> str | None:
+        return meta.get(k, COMPAT_DEFAULTS.get(k))
+
+    diffs = [f"{k}: file has {value(found, k)!r}, expected {value(expected, k)!r}" for k in COMPAT_KEYS
+             if value(found, k) != value(expected, k)]
     if diffs:
         raise ReturnsError(f"{where}: rule 'returns_compatible' violated: " + "; ".join(diffs))
 
@@ -231,7 +242,7 @@ def build_returns(
     rows = action_rows(turns, params.returns.gamma, params.returns.abstain)
     states = render_states(
         turns, rows.get_column("_record").to_list(), tokenizer, system_prompt, params.prompt.max_prompt_tokens,
-        progress=progress,
+        progress=progress, notes=prompt_notes(params),
     )
     out = rows.select(
         pl.Series("state_text", states, dtype=pl.String),

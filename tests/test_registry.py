@@ -48,11 +48,12 @@ def files(tmp_path):
     return make
 
 
-def run_register(server, tiny_model_dir, ev, fq, tmp_path, model_name, extra=()):
+def run_register(server, tiny_model_dir, ev, fq, tmp_path, model_name, extra=(), prompt=None):
     params = tmp_path / "params.yaml"
     import yaml
 
     data = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    data["prompt"].update(prompt or {})
     data["register"]["policy_model_name"] = model_name
     data["register"]["q_model_name"] = model_name + "-q"
     params.write_text(yaml.safe_dump(data))
@@ -154,6 +155,20 @@ def test_registered_policy_loads_and_suggests(server, tiny_model_dir, files, tmp
         assert len(policy.suggest([[HistoryTurn("hello?")]], ["k"])) == 1
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_registered_policy_renders_the_state_notes_it_was_trained_with(server, tiny_model_dir, files, tmp_path):
+    """prompt.state_notes travels with the registered policy: served, it renders the prompts pi saw in training."""
+    import mlflow
+
+    from pipeline_steps.common.contract import NOTES_LABEL, HistoryTurn
+
+    name = "noted-policy"
+    run_register(server, tiny_model_dir, *files(evaluate_metrics()), tmp_path, name, prompt={"state_notes": "customer_needs"})
+    mlflow.set_tracking_uri(server["uri"])
+    policy = mlflow.pyfunc.load_model(f"models:/{name}@challenger").unwrap_python_model().policy
+    prompt = policy.prompts([[HistoryTurn("Hi, we want a new bathroom, maybe 15 thousand.")]])[0]
+    assert f"{NOTES_LABEL} Project: bathroom. Needs stated: budget (1 of 3)." in prompt
 
 
 def test_failed_registration_moves_no_alias_and_leaves_no_version(server, tiny_model_dir, files, tmp_path, monkeypatch):

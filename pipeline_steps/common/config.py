@@ -115,6 +115,12 @@ class PromptParams(Section):
 
     max_prompt_tokens: int = Field(384, gt=32, description="Token budget; oldest turns are dropped first.")
     version: str = Field("v1", description="Bumped whenever the rendering changes; checked downstream.")
+    state_notes: Literal["none", "customer_needs"] = Field(
+        "none",
+        description="A line after the transcript on what the customer has said so far, read from the whole "
+        "conversation with the vertical's projects and needs: 'customer_needs' (project, needs stated and not yet "
+        "stated, what the last message does; pipeline_steps/world/state_reader.py) or 'none'. pi and Q read it.",
+    )
 
 
 class CollectParams(Section):

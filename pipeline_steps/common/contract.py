@@ -173,6 +173,7 @@ SYSTEM_PROMPT_TEMPLATE = (
     "exactly {abstain}."
 )
 INSTRUCTION = "Write the business's next message to the customer."
+NOTES_LABEL = "Notes on the customer so far:"
 
 _RELATION_NOTE = {
     "verbatim": "Business (sent your suggestion): {m}",
@@ -205,18 +206,20 @@ def transcript_lines(history: Sequence[HistoryTurn]) -> list[str]:
     return lines
 
 
-def state_messages(history: Sequence[HistoryTurn], system_prompt: str) -> list[dict[str, str]]:
+def state_messages(history: Sequence[HistoryTurn], system_prompt: str, notes: str | None = None) -> list[dict[str, str]]:
     """Chat messages for state s_i: the system prompt and one user turn holding the transcript.
 
     The transcript carries every past suggestion a_j (verbatim/edited ones are what was sent; an
     ignored one is quoted) and every message m_j actually sent, as eq. (1) requires. One user turn
     (rather than alternating roles) keeps small instruction-tuned models from continuing the
-    customer's side or repeating their own earlier turns.
+    customer's side or repeating their own earlier turns. ``notes`` (``prompt.state_notes``) is a line
+    about what the customer has said so far, read from the whole conversation, placed after the transcript.
     """
     body = "\n".join(transcript_lines(history))
+    notes_block = f"{NOTES_LABEL} {notes}\n\n" if notes else ""
     return [
         {"role": "system", "content": system_prompt},
-        {"role": "user", "content": f"Chat so far:\n{body}\n\n{INSTRUCTION}"},
+        {"role": "user", "content": f"Chat so far:\n{body}\n\n{notes_block}{INSTRUCTION}"},
     ]
 
 
@@ -233,12 +236,14 @@ def render_state(
     tokenizer: Any,
     system_prompt: str,
     max_prompt_tokens: int,
+    notes: str | None = None,
 ) -> str:
     """The exact prompt text (chat template applied, generation prompt added) the policy sees for s_i.
 
     ``history`` is the conversation up to and including the latest customer message ``c_i``. When the
     prompt exceeds ``max_prompt_tokens``, the oldest completed turns are dropped first; the system
-    prompt and the latest customer message always stay. If those alone exceed the budget, the latest
+    prompt, the ``notes`` (read from the whole history by the caller, so they remember dropped turns)
+    and the latest customer message always stay. If those alone exceed the budget, the latest
     customer message is cut from the front (keeping its end, the part the reply answers).
     Deterministic: the same history, tokenizer and budget always give the same text.
     """
@@ -246,7 +251,7 @@ def render_state(
         raise ValueError("render_state needs at least the latest customer message")
 
     def text_for(hist: Sequence[HistoryTurn]) -> str:
-        return tokenizer.apply_chat_template(state_messages(hist, system_prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(state_messages(hist, system_prompt, notes), tokenize=False, add_generation_prompt=True)
 
     def n_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -17,7 +17,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -96,10 +96,13 @@ class LLMPolicy:
     policy_id: str = "pi0"
     policy_version: str = "0"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    state_notes: Callable[[Sequence[HistoryTurn]], str] | None = None  # prompt.state_notes (world.state_reader)
 
     def prompts(self, histories: Sequence[Sequence[HistoryTurn]], system_prompts: Sequence[str] | None = None) -> list[str]:
         sps = system_prompts or [self.system_prompt] * len(histories)
-        return [render_state(h, self.tokenizer, sp, self.max_prompt_tokens) for h, sp in zip(histories, sps)]
+        notes = self.state_notes
+        return [render_state(h, self.tokenizer, sp, self.max_prompt_tokens, notes(h) if notes is not None else None)
+                for h, sp in zip(histories, sps)]
 
     def generate(self, prompts: list[str], seed: int, **generate_overrides: Any) -> list[str]:
         """Batched sampling of one response per prompt (left padding); returns the decoded new text.
@@ -256,6 +259,7 @@ def resolve_policy_dir(spec: str, params: Any) -> str:
 def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0) -> Policy:
     """Build the policy a spec names (see ``collect.policy`` in params.yaml for the forms)."""
     from pipeline_steps.common.contract import system_prompt_for
+    from pipeline_steps.world.state_reader import notes_reader
 
     c = params.collect
     if spec.startswith("script:"):
@@ -299,6 +303,7 @@ def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0)
         seed=seed,
         policy_id=policy_id,
         policy_version=str(version),
+        state_notes=notes_reader(params.prompt.state_notes, vertical),
     )
 
 

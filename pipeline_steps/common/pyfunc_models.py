@@ -28,6 +28,7 @@ class SuggestedResponseModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from pipeline_steps.common.base_model import load_causal_lm, load_tokenizer
         from pipeline_steps.common.policies import LLMPolicy
+        from pipeline_steps.world.state_reader import notes_reader
 
         cfg = json.loads(Path(context.artifacts["policy_config"]).read_text())
         path = context.artifacts["policy"]
@@ -36,6 +37,7 @@ class SuggestedResponseModel(mlflow.pyfunc.PythonModel):
             max_prompt_tokens=cfg["max_prompt_tokens"], max_new_tokens=cfg["max_new_tokens"],
             temperature=cfg.get("temperature", 0.0), top_p=cfg.get("top_p", 1.0),
             repetition_penalty=cfg.get("repetition_penalty", 1.0), policy_id=cfg.get("policy_id", "registered"),
+            state_notes=notes_reader(cfg.get("state_notes", "none"), cfg.get("vertical") or {}),
         )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

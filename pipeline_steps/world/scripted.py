@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from pipeline_steps.common.contract import HistoryTurn
 from pipeline_steps.common.policies import Suggestion, stable_seed
-from pipeline_steps.world.featurizer import mentioned_terms
+from pipeline_steps.world.state_reader import CustomerStateReader
 
 STRATEGIES = ("expert", "friendly_generic", "premature_pitch", "random", "abstain")
 
@@ -37,8 +37,7 @@ class ScriptedPolicy:
         self.policy_id = f"script:{self.name}"
         self.policy_version = "1"
         self.t = self.vertical["business_templates"]
-        self._ready = [c.lower() for c in self.vertical["customer"]["ready_cues"]]
-        self._declines = [c.lower() for c in self.vertical["customer"]["declines"]]
+        self.reader = CustomerStateReader(self.vertical)
 
     def suggest(self, histories: Sequence[Sequence[HistoryTurn]], keys: Sequence[str]) -> list[Suggestion]:
         out = []
@@ -66,11 +65,11 @@ class ScriptedPolicy:
         return None
 
     def _expert(self, h: Sequence[HistoryTurn], rng: random.Random) -> str:
-        seen = self.read_state(h)
-        project, revealed, terms = seen["project"], seen["revealed"], seen["terms"]
-        if seen["asked_question"]:
+        seen = self.reader.read(h)
+        project, revealed, terms = seen.project, seen.revealed, seen.terms
+        if seen.asked_question:
             return rng.choice(self.t["answer"])
-        if seen["ready"] or len(revealed) == seen["project_needs"] or (seen["declined"] and len(revealed) >= 2):
+        if seen.ready or not seen.unstated or (seen.declined and len(revealed) >= 2):
             term = terms[-1] if terms else project
             return rng.choice(self.t["tailored_book"]).format(project=project, term=term)
         probe = self._probe_text(h, rng)
@@ -78,32 +77,9 @@ class ScriptedPolicy:
 
     # --- reading the conversation -----------------------------------------------------------
 
-    def read_state(self, h: Sequence[HistoryTurn]) -> dict[str, Any]:
-        """What the public text shows of the customer's state, as the expert reads it: the project, the needs stated
-        (of how many the project has), and whether the last message gives a ready cue, declines or asks a question."""
-        last = h[-1].customer_message.lower()
-        project, revealed, terms = self._read(h)
-        ready = any(cue.lower() in last for cue in self._ready)
-        return {"project": project, "revealed": revealed, "terms": terms,
-                "project_needs": len(self.vertical["projects"][project]["needs"]), "ready": ready,
-                "declined": any(d in last for d in self._declines), "asked_question": "?" in last and not ready}
-
-    def _read(self, h: Sequence[HistoryTurn]) -> tuple[str, list[str], list[str]]:
-        """The project the customer talks about, the needs they revealed and the terms they used."""
-        text = " ".join(t.customer_message for t in h).lower()
-        projects = self.vertical["projects"]
-        project = max(projects, key=lambda p: (text.count(p), -list(projects).index(p)))
-        revealed, terms = [], []
-        for need, spec in projects[project]["needs"].items():
-            hit = [t for t in mentioned_terms(text, spec["terms"]) if t not in ("budget",)]
-            if hit or any(r.lower() in text for r in spec["reveal"]):
-                revealed.append(need)
-                terms.extend(hit[:1])
-        return project, revealed, terms
-
     def _probe_text(self, h: Sequence[HistoryTurn], rng: random.Random) -> str | None:
-        project, revealed, _ = self._read(h)
-        for need, spec in self.vertical["projects"][project]["needs"].items():
-            if need not in revealed:
-                return spec["ask"]
+        """The question about the first need of the project the customer has not stated yet."""
+        seen = self.reader.read(h)
+        for need in seen.unstated:
+            return self.vertical["projects"][seen.project]["needs"][need]["ask"]
         return None
