@@ -132,16 +132,16 @@ def check_target_varies(g: np.ndarray, where: str) -> None:
 
 def check_returns_metadata(path: str | Path, params: Params, tokenizer: Any, system_prompt: str) -> dict[str, str]:
     """Refuse a returns file rendered with another tokenizer, prompt version or budget than ``params``."""
-    from pipeline_steps.returns import COMPAT_KEYS, read_metadata, returns_metadata
+    from pipeline_steps.returns import compat_diffs, read_metadata, returns_metadata
 
     found = read_metadata(str(path))
-    expected = returns_metadata(params, tokenizer, system_prompt)
-    diffs = [f"{k}: file has {found.get(k)!r}, params give {expected.get(k)!r}" for k in COMPAT_KEYS if found.get(k) != expected.get(k)]
+    diffs = compat_diffs(found, returns_metadata(params, tokenizer, system_prompt), "params give")
     if diffs:
         raise FitQError(
             str(path), "returns_compatible",
             "a returns file from a different tokenizer/prompt version than the configured base model "
-            f"({params.base_model.name_or_path}) and prompt ({params.prompt.version}); re-run the returns step. "
+            f"({params.base_model.name_or_path}) and prompt ({params.prompt.version}, state notes "
+            f"{params.prompt.state_notes}); re-run the returns step. "
             + "; ".join(diffs),
         )
     return found

@@ -218,13 +218,19 @@ def read_metadata(path: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.items() if k != b"ARROW:schema"}
 
 
-def check_compatible(found: dict[str, str], expected: dict[str, str], where: str) -> None:
-    """Refuse a returns file rendered with another tokenizer, prompt or format (later steps call this)."""
+def compat_diffs(found: dict[str, str], expected: dict[str, str], expected_from: str = "expected") -> list[str]:
+    """Each ``COMPAT_KEYS`` value the file's metadata ``found`` has other than ``expected`` (a key a file predates
+    reads as its ``COMPAT_DEFAULTS`` value)."""
     def value(meta: dict[str, str], k: str) -> str | None:
         return meta.get(k, COMPAT_DEFAULTS.get(k))
 
-    diffs = [f"{k}: file has {value(found, k)!r}, expected {value(expected, k)!r}" for k in COMPAT_KEYS
-             if value(found, k) != value(expected, k)]
+    return [f"{k}: file has {value(found, k)!r}, {expected_from} {value(expected, k)!r}" for k in COMPAT_KEYS
+            if value(found, k) != value(expected, k)]
+
+
+def check_compatible(found: dict[str, str], expected: dict[str, str], where: str) -> None:
+    """Refuse a returns file rendered with another tokenizer, prompt or format (later steps call this)."""
+    diffs = compat_diffs(found, expected)
     if diffs:
         raise ReturnsError(f"{where}: rule 'returns_compatible' violated: " + "; ".join(diffs))
 

@@ -285,7 +285,7 @@ def test_bad_rows_stop_before_training_naming_file_and_rule(tmp_path, q_params_f
 
 def test_returns_from_another_prompt_version_or_tokenizer_are_refused(tmp_path, q_params_file, world_returns):
     meta = {k.decode(): v.decode() for k, v in pq.read_schema(world_returns).metadata.items()}
-    for key, value in (("prompt_version", "v0"), ("tokenizer_sha256", "0" * 64)):
+    for key, value in (("prompt_version", "v0"), ("tokenizer_sha256", "0" * 64), ("state_notes", "customer_needs")):
         bad = _rewrite(world_returns, tmp_path / f"{key}.parquet", metadata={**meta, key: value})
         with pytest.raises(SystemExit) as err:
             fit_q_step.main(run_args(tmp_path, q_params_file, bad) + ["--no-mlflow"])
