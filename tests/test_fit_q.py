@@ -317,3 +317,24 @@ def test_q_scoring_bench_prints_both_ways_on_the_same_pairs(trained, world_retur
     assert "score_by_state (state once)" in out and "ratio" in out
     with pytest.raises(SystemExit, match=">= 1"):
         bench_q_scoring.main(["--scorer", str(trained / "model" / "scorer"), "--returns", str(world_returns), "--states", "0"])
+
+
+def test_start_gradients_diagnostic_shows_a_zero_head_leaves_lora_without_gradient(tmp_path, q_params_file, world_returns):
+    """benchmarks/fit_q_start_gradients.py: with a zero head LoRA B gets no gradient; with the probe head it does."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fit_q_start_gradients
+
+    data = yaml.safe_load(q_params_file.read_text())
+    data["fit_q"]["probe_init_rows"] = 16
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data))
+    out = tmp_path / "grads.json"
+    res = fit_q_start_gradients.main(["--params", str(params), "--input", str(world_returns), "--batch-rows", "8",
+                                      "--out", str(out)])
+    zero, probe = res["inits"]["zero head"], res["inits"]["probe head"]
+    assert zero["head_mean_abs_w"] == 0 and zero["lora_B"]["share_below_adam_eps"] == 1.0
+    assert probe["init"]["probe_rows"] == 16 and probe["head_mean_abs_w"] > 0
+    assert probe["lora_B"]["median_abs_grad"] > 0 and probe["head"]["median_abs_grad"] > 0
+    assert zero["head_step_in_q"] > 0 and json.loads(out.read_text())["inits"].keys() == res["inits"].keys()
