@@ -281,6 +281,27 @@ def _trainer_class():
         """Trainer whose loss is MSE(Q, G) with Q read exactly as PPO reads its reward model."""
 
         pad_token_id: int = 0
+        head_learning_rate: float | None = None
+
+        def create_optimizer(self, model=None):
+            """The Trainer's AdamW, with the head's weights in their own group at ``fit_q.head_learning_rate``.
+
+            Adam moves each weight by about its learning rate, so one step moves Q by up to lr x sum|h| through the
+            head (0.64 at 1e-3 for SmolLM2's last hidden states) but far less through LoRA: one rate for both lets
+            the head chase each batch (benchmarks/fit_q_start_gradients.py). The schedule scales both groups alike.
+            """
+            opt = super().create_optimizer(model)
+            if self.head_learning_rate is None:
+                return opt
+            head = {id(p) for n, p in (model or self.model).named_parameters() if p.requires_grad and "score" in n}
+            for group in list(opt.param_groups):
+                moved = [p for p in group["params"] if id(p) in head]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in head]
+                    opt.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                         "lr": self.head_learning_rate})
+            opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
+            return opt
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # q_forward calls the backbone and head directly, bypassing the autocast accelerate wraps around
@@ -352,6 +373,7 @@ def train_q(
         callbacks=[EarlyStoppingCallback(fq.early_stopping_patience, fq.early_stopping_threshold), *callbacks],
     )
     trainer.pad_token_id = pad_token_id
+    trainer.head_learning_rate = fq.head_learning_rate
     trainer.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; the Trainer scales for accumulation
     # Epoch 0: the initial head (the linear probe). The Trainer only restores saved epochs, so if no epoch
     # beats the start we restore the initial weights ourselves: training never makes Q worse than its init.

@@ -338,3 +338,29 @@ def test_start_gradients_diagnostic_shows_a_zero_head_leaves_lora_without_gradie
     assert probe["init"]["probe_rows"] == 16 and probe["head_mean_abs_w"] > 0
     assert probe["lora_B"]["median_abs_grad"] > 0 and probe["head"]["median_abs_grad"] > 0
     assert zero["head_step_in_q"] > 0 and json.loads(out.read_text())["inits"].keys() == res["inits"].keys()
+
+
+def test_head_learning_rate_puts_the_head_in_its_own_scheduled_group(tmp_path, tiny_model_dir, tokenizer, q_params_file):
+    """fit_q.head_learning_rate: the head's weights train at their own rate, scaled by the same schedule as LoRA's."""
+    from transformers import TrainerCallback
+
+    fq = load_params(q_params_file, {"fit_q.head_learning_rate": 1e-5, "fit_q.learning_rate": 1e-3,
+                                     "fit_q.epochs": 1, "fit_q.probe_init_rows": 0}).fit_q
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(5, 200, size=int(rng.integers(6, 14))).tolist() for _ in range(24)]
+    rows = fit_q_step._Rows(ids, rng.random(24).tolist())
+    seen: list[list[tuple[float, int]]] = []
+
+    class Groups(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.append([(g["lr"], sum(p.numel() for p in g["params"])) for g in optimizer.param_groups])
+
+    model, _ = fit_q_step.build_q_model(tiny_model_dir, fq, tokenizer.pad_token_id)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "score" in n)
+    fit_q_step.train_q(model, rows, rows, fq, tokenizer.pad_token_id, tmp_path / "work", progress=False, callbacks=[Groups()])
+    assert seen
+    for groups in seen:
+        head_lrs = [lr for lr, n in groups if n == head]
+        other_lrs = [lr for lr, n in groups if n != head]
+        assert len(head_lrs) == 1 and other_lrs and sum(n for _, n in groups) > head
+        assert all(abs(head_lrs[0] - lr * 1e-2) <= 1e-12 for lr in other_lrs)  # 1e-5 / 1e-3, whatever the schedule

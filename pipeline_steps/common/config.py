@@ -277,6 +277,11 @@ class FitQParams(Section):
         3e-4, gt=0, description="AdamW peak learning rate (LoRA weights and the score head). Measured on "
         "Deal-or-No-Deal: 3e-4 is best at a few hundred rows, 1e-3 from ~1,000 rows (profiles/gpu.yaml), 2e-3 diverges.",
     )
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate of the scalar head alone (null: learning_rate). Adam moves each "
+        "head weight by about this much, so one step moves Q by up to this x sum|h| (0.64 at 1e-3 with SmolLM2): "
+        "far more than a LoRA step, and more than a return of mean 0.05 varies (benchmarks/fit_q_start_gradients.py).",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup: float = Field(0.05, ge=0, description="Linear warmup: a fraction of the steps (< 1) or a step count.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
