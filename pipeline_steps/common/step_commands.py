@@ -278,7 +278,7 @@ STEPS_SPEC: tuple[Step, ...] = (
         data=(POLICY, Q_MODEL),
         code=("pipeline_steps/register.py", "pipeline_steps/common/registry.py", "pipeline_steps/common/pyfunc_models.py",
               "pipeline_steps/common/contract.py", *COMMON, "pipeline_steps/world/simulator.py", "pipeline_steps/world/verticals",
-              "pipeline_steps/world/state_reader.py"),
+              "pipeline_steps/world/state_reader.py", "pipeline_steps/world/featurizer.py"),
         params=(section("register"), "collect.max_new_tokens", "collect.repetition_penalty", "prompt.max_prompt_tokens",
                 "prompt.state_notes", "world.vertical"),
         result="--out",

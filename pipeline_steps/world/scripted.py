@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from pipeline_steps.common.contract import HistoryTurn
 from pipeline_steps.common.policies import Suggestion, stable_seed
-from pipeline_steps.world.state_reader import CustomerStateReader
+from pipeline_steps.world.state_reader import CustomerState, CustomerStateReader
 
 STRATEGIES = ("expert", "friendly_generic", "premature_pitch", "random", "abstain")
 
@@ -58,7 +58,7 @@ class ScriptedPolicy:
     def _random(self, h: Sequence[HistoryTurn], rng: random.Random) -> str:
         act = rng.choice([a for a in self.t if a != "tailored_book"])
         if act == "probe":
-            return self._probe_text(h, rng) or rng.choice(self.t["generic_question"])
+            return self._probe_text(self.reader.read(h)) or rng.choice(self.t["generic_question"])
         return rng.choice(self.t[act])
 
     def _abstain(self, h: Sequence[HistoryTurn], rng: random.Random) -> None:
@@ -72,14 +72,13 @@ class ScriptedPolicy:
         if seen.ready or not seen.unstated or (seen.declined and len(revealed) >= 2):
             term = terms[-1] if terms else project
             return rng.choice(self.t["tailored_book"]).format(project=project, term=term)
-        probe = self._probe_text(h, rng)
+        probe = self._probe_text(seen)
         return probe or rng.choice(self.t["tailored_book"]).format(project=project, term=project)
 
     # --- reading the conversation -----------------------------------------------------------
 
-    def _probe_text(self, h: Sequence[HistoryTurn], rng: random.Random) -> str | None:
+    def _probe_text(self, seen: CustomerState) -> str | None:
         """The question about the first need of the project the customer has not stated yet."""
-        seen = self.reader.read(h)
         for need in seen.unstated:
             return self.vertical["projects"][seen.project]["needs"][need]["ask"]
         return None

@@ -16,12 +16,13 @@ own slot-filling (a CRM form, a regex intake) would. It never sees the world's h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, get_args
 
+from pipeline_steps.common.config import PromptParams
 from pipeline_steps.common.contract import HistoryTurn
 from pipeline_steps.world.featurizer import mentioned_terms
 
-STATE_NOTES = ("none", "customer_needs")
+STATE_NOTES = get_args(PromptParams.model_fields["state_notes"].annotation)  # the kinds params.yaml accepts
 
 
 @dataclass(frozen=True)
