@@ -254,6 +254,17 @@ def airflow_db():
     return _HOME
 
 
+def create_mlflow_store(uri: str) -> None:
+    """Create the MLflow store's tables before two processes open it: the reviewer thread's first poll and the
+    configure task would otherwise both run MLflow's SQLite migrations at once, and the loser fails half-way
+    ("no such column: spans.dimension_attributes", seen in CI). A deployment's store exists before any reviewer."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_experiments()
+    client.search_registered_models()
+
+
 def approve_when_registered(uri: str, stop: threading.Event, log: list, delay: float) -> None:
     """A reviewer: waits for the policy version the run registers, looks at it for ``delay`` seconds (the sensor
     pokes meanwhile and reschedules itself), then approves it (tags on the version, as `ippo approve` does)."""
@@ -286,6 +297,7 @@ def test_dag_test_runs_one_iteration_and_waits_for_approval(dagmod, airflow_db, 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     dag = dagmod.build_dag(executor="local", workdir=str(workdir), mlflow_tracking_uri=uri, approval_poke_seconds=2,
                            retries=0)
+    create_mlflow_store(uri)
     stop, approvals = threading.Event(), []
     reviewer = threading.Thread(target=approve_when_registered, args=(uri, stop, approvals, 12.0), daemon=True)
     reviewer.start()
