@@ -333,6 +333,13 @@ def train_q(
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments
 
+    if fq.epochs == 0:  # the linear probe alone: its validation loss, no Trainer and no backward pass
+        from pipeline_steps.common.q_model import score_ids
+
+        q = score_ids(model, validation.ids, pad_token_id, fq.eval_batch_size, progress)
+        initial_loss = float(np.mean((q - np.asarray(validation.g, dtype=float)) ** 2))
+        return {"log_history": [{"epoch": 0.0, "eval_loss": initial_loss}], "kept_initial": True, "train_runtime": 0.0,
+                "train_tokens": 0, "epochs_run": 0.0, "best_checkpoint": None, "best_eval_loss": initial_loss}
     args = TrainingArguments(
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs it said explicitly
         output_dir=str(work_dir),

@@ -232,6 +232,26 @@ def test_training_reduces_validation_loss_where_q_is_learnable(tmp_path, tokeniz
     assert result["learning_curve"][0]["eval_loss"] < 0.2 * result["metrics"]["mse_constant_baseline"]
 
 
+def test_zero_epochs_keeps_the_linear_probe_and_trains_nothing(tmp_path, tokenizer, tiny_model_dir):
+    """fit_q.epochs = 0: the head is the ridge probe on every train row, LoRA stays at its identity init, and the
+    metrics say so; with no probe either, the params are refused (Q would be 0 everywhere)."""
+    from safetensors import safe_open
+
+    table = _keyword_table(tokenizer)
+    params = load_params(REPO / "params.yaml", {"fit_q.epochs": 0, "fit_q.probe_init_rows": 1000})
+    result = fit_q_step.fit_q(table, params, tiny_model_dir, tokenizer, tmp_path / "m", tmp_path / "p", progress=False)
+    m, curve = result["metrics"], result["learning_curve"]
+    assert m["probe_rows"] == 96 and m["epochs_run"] == 0 and m["best_epoch"] == 0 and result["train_runtime"] == 0.0
+    assert [r["epoch"] for r in curve] == [0] and curve[0]["eval_loss"] == pytest.approx(m["mse"], rel=1e-5)
+    assert m["mse"] < 0.2 * m["mse_constant_baseline"] and m["roc_auc_outcome"] > 0.95  # the probe fits this set
+    with safe_open(str(tmp_path / "m" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        lora_b = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(t) == 0 for t in lora_b)  # peft's init: B = 0, the identity
+
+    with pytest.raises(ValueError, match=r"fit_q.epochs = 0 .*needs fit_q.probe_init_rows > 0"):
+        load_params(REPO / "params.yaml", {"fit_q.epochs": 0, "fit_q.probe_init_rows": 0})
+
+
 def test_lora_on_the_top_layers_only_adapts_those_and_still_learns(tmp_path, tokenizer, tiny_model_dir):
     from safetensors import safe_open
 

@@ -285,7 +285,10 @@ class FitQParams(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup: float = Field(0.05, ge=0, description="Linear warmup: a fraction of the steps (< 1) or a step count.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    epochs: int = Field(4, gt=0, description="Maximum epochs; early stopping on the validation loss may end sooner.")
+    epochs: int = Field(
+        4, ge=0, description="Maximum LoRA epochs; early stopping on the validation loss may end sooner. 0 = the "
+        "linear probe alone (LP without FT: forward passes only, no backward), which needs probe_init_rows > 0.",
+    )
     batch_size: int = Field(8, gt=0, description="Rows per forward/backward pass.")
     gradient_accumulation_steps: int = Field(2, gt=0, description="Passes per optimiser step (effective batch = product).")
     eval_batch_size: int = Field(16, gt=0, description="Rows per forward pass when scoring.")
@@ -310,6 +313,13 @@ class FitQParams(Section):
     calibration_bins: int = Field(10, ge=2, description="Equal-count bins of Q in the reliability plot.")
     seed: int = Field(42, description="Seed of the head/LoRA initialisation and dropout.")
     data_seed: int = Field(42, description="Seed of the data order (and of the max_train_rows sample).")
+
+    @model_validator(mode="after")
+    def _probe_when_no_epochs(self) -> "FitQParams":
+        if self.epochs == 0 and self.probe_init_rows == 0:
+            raise ValueError("fit_q.epochs = 0 keeps the initial head, so it needs fit_q.probe_init_rows > 0 "
+                             "(with both 0, Q would be 0 everywhere)")
+        return self
 
 
 class PPOTuneParams(Section):
