@@ -333,13 +333,6 @@ def train_q(
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments
 
-    if fq.epochs == 0:  # the linear probe alone: its validation loss, no Trainer and no backward pass
-        from pipeline_steps.common.q_model import score_ids
-
-        q = score_ids(model, validation.ids, pad_token_id, fq.eval_batch_size, progress)
-        initial_loss = float(np.mean((q - np.asarray(validation.g, dtype=float)) ** 2))
-        return {"log_history": [{"epoch": 0.0, "eval_loss": initial_loss}], "kept_initial": True, "train_runtime": 0.0,
-                "train_tokens": 0, "epochs_run": 0.0, "best_checkpoint": None, "best_eval_loss": initial_loss}
     args = TrainingArguments(
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs it said explicitly
         output_dir=str(work_dir),
@@ -575,12 +568,16 @@ def fit_q(
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.checkpoints.", dir=out_dir.parent))
     try:
         with staged_dir(out_dir) as stage, staged_dir(plots_dir) as plots:
-            run = train_q(
-                model,
-                _Rows(train_ids, g_all[train_idx]),
-                _Rows([val_ids[i] for i in val_order], g_all[val_idx][val_order]),
-                fq, pad, work, progress,
-            )
+            if fq.epochs:
+                run = train_q(
+                    model,
+                    _Rows(train_ids, g_all[train_idx]),
+                    _Rows([val_ids[i] for i in val_order], g_all[val_idx][val_order]),
+                    fq, pad, work, progress,
+                )
+            else:  # the linear probe alone: no Trainer, no backward pass; its validation loss is filled in below
+                run = {"log_history": [{"epoch": 0.0, "eval_loss": None}], "kept_initial": True, "train_runtime": 0.0,
+                       "train_tokens": 0, "epochs_run": 0.0, "best_checkpoint": None}
             # Scores of the adapter model (a few rows) to prove the merge changes nothing.
             check = val_ids[: min(32, len(val_ids))]
             q_adapter = score_ids(model, check, pad, fq.eval_batch_size)
@@ -594,6 +591,8 @@ def fit_q(
             tokenizer.save_pretrained(str(stage / "scorer"))
 
             metrics = heldout_metrics(q_val, g_all[val_idx], outcome_all[val_idx], float(g_all[train_idx].mean()))
+            if not fq.epochs:  # the scorer is the probe (LoRA still the identity): epoch 0's loss is its MSE
+                run["log_history"][0]["eval_loss"] = metrics["mse"]
             curve = learning_curve(run["log_history"])
             best = min((r for r in curve if r["eval_loss"] is not None), key=lambda r: r["eval_loss"], default=None)
             metrics.update(
