@@ -123,21 +123,15 @@ def logged_coverage(logs: Any, states: Any, acts: Any, vertical: dict[str, Any])
             .sort("understood", "call_to_action"))
 
 
-def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int = 400, n_rollouts: int = 32,
-                  continuation_name: str = "abstain", seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    import numpy as np
+def branch_points(logs_dir: str, params: Any, n_states: int, seed: int) -> dict[str, Any]:
+    """The logs replayed in the world and ``n_states`` logged decision points drawn at random (seeded), each with a
+    deep copy of its conversation just before the suggestion (``snapshots``), kept only where the whole conversation
+    reproduced: the states every branching benchmark (this one, ``world_policy_values.py``) starts from."""
     import polars as pl
-    from tqdm import tqdm
 
     import world_q_ceiling as ceiling
-    from pipeline_steps.common.config import load_params
-    from pipeline_steps.world.scripted import ScriptedPolicy
     from pipeline_steps.world.simulator import World
 
-    if n_rollouts < 2 or n_rollouts % 2:
-        raise SystemExit(f"--rollouts {n_rollouts}: an even number >= 2 (the best action is chosen on half of them)")
-    t0 = time.perf_counter()
-    params = load_params(params_path)
     logs = ceiling.read_collected_logs(logs_dir)
     decisions = logs.filter(pl.col("suggestion").is_not_null()).select("conversation_id", "turn_index").sort(
         "conversation_id", "turn_index")
@@ -149,12 +143,34 @@ def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int
     states, counts = ceiling.replay(logs, world, snapshot=keys)
     snapshots = counts.pop("snapshots")
     reproduced = set(states.filter(pl.col("reproduced"))["conversation_id"].to_list())
-    chosen = [k for k in drawn.iter_rows() if k[0] in reproduced and k in snapshots]
+    return {
+        "world": world, "logs": logs, "states": states, "counts": counts, "drawn": drawn, "snapshots": snapshots,
+        "chosen": [k for k in drawn.iter_rows() if k[0] in reproduced and k in snapshots],
+        "state_of": {(r["conversation_id"], r["turn_index"]): r for r in states.iter_rows(named=True)},
+        "logged_text": {(r["conversation_id"], r["turn_index"]): r["suggestion"]
+                        for r in logs.select("conversation_id", "turn_index", "suggestion").iter_rows(named=True)},
+    }
+
+
+def action_values(logs_dir: str, params_path: str = "params.yaml", n_states: int = 400, n_rollouts: int = 32,
+                  continuation_name: str = "abstain", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    import numpy as np
+    import polars as pl
+    from tqdm import tqdm
+
+    import world_q_ceiling as ceiling
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.world.scripted import ScriptedPolicy
+
+    if n_rollouts < 2 or n_rollouts % 2:
+        raise SystemExit(f"--rollouts {n_rollouts}: an even number >= 2 (the best action is chosen on half of them)")
+    t0 = time.perf_counter()
+    params = load_params(params_path)
+    bp = branch_points(logs_dir, params, n_states, seed)
+    world, logs, states, counts, drawn = bp["world"], bp["logs"], bp["states"], bp["counts"], bp["drawn"]
+    chosen, snapshots, state_of, logged_text = bp["chosen"], bp["snapshots"], bp["state_of"], bp["logged_text"]
     expert = ScriptedPolicy("expert", world.vertical, seed=seed)
     continuation = ScriptedPolicy(continuation_name, world.vertical, seed=seed)
-    logged_text = {(r["conversation_id"], r["turn_index"]): r["suggestion"]
-                   for r in logs.select("conversation_id", "turn_index", "suggestion").iter_rows(named=True)}
-    state_of = {(r["conversation_id"], r["turn_index"]): r for r in states.iter_rows(named=True)}
     per_state, names = [], None
     for i, key in enumerate(tqdm(chosen, desc="branching", unit="state", disable=not progress)):
         snap = snapshots[key]

@@ -381,3 +381,89 @@ def test_action_ranking_scores_a_trained_q_and_refuses_one_fitted_under_other_pa
     with pytest.raises(SystemExit) as exit_info:
         ar.main(["--values", str(action_values_json)])
     assert exit_info.value.code == 2 and "nothing to score" in capsys.readouterr().err
+
+
+def _tiny_scorer(tiny_model_dir: Path, folder: Path, params, world, tokenizer) -> Path:
+    """A randomly initialised scorer with fit_q's manifest, fitted (so it says) under ``params``."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline_steps.common.base_model import load_tokenizer
+    from pipeline_steps.common.contract import system_prompt_for
+    from pipeline_steps.common.q_model import MANIFEST
+    from pipeline_steps.common.tracking import write_json
+    from pipeline_steps.returns import returns_metadata
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    load_tokenizer(tiny_model_dir).save_pretrained(folder)
+    write_json(folder / MANIFEST, {"returns_metadata": returns_metadata(params, tokenizer, system_prompt_for(world.vertical)),
+                                   "max_action_tokens": 64, "target": "a test scorer"})
+    return folder
+
+
+def test_policy_values_branch_each_policy_sample_at_the_action_values_states(world_logs, action_values_json, tiny_model_dir,
+                                                                           tmp_path, params, world, base_tokenizer):
+    """world_policy_values.py starts from world_action_values' states: the logged suggestion's branched value is the
+    same state for state; two copies of one policy draw the same samples (the paired difference is exactly 0); a Q
+    scores every sample; bad arguments are refused before any work."""
+    import world_policy_values as pv
+
+    scorer = _tiny_scorer(tiny_model_dir, tmp_path / "scorer", params, world, base_tokenizer)
+    args = [str(world_logs), "--params", str(REPO / "params.yaml"), "--states", "12", "--rollouts", "4", "--samples", "2",
+            "--batch-size", "5", "--no-progress"]
+    result = pv.main([*args, "--policy", f"a={tiny_model_dir}", "--policy", f"b={tiny_model_dir}", "--q-model", f"q={scorer}",
+                      "--out", str(tmp_path / "pv.json")])
+    values = json.loads(action_values_json.read_text())
+    assert result["states"] == values["states"] == 12
+    for group, summary in values["summary"].items():
+        assert result["summary"][group]["logged"] == summary["q"]["logged"]  # same states, seeds and rollouts
+    s = result["summary"]["all"]
+    assert s["b: minus a"] == [0.0, 0.0, 0.0] and s["a: value"] == s["b: value"]
+    assert s["a: minus logged"][0] == pytest.approx(s["a: value"][0] - s["logged"][0])
+    assert 0 <= s["a: best of 2 by q"][0] <= 1 and s["a: mean q"] == s["b: mean q"]
+    assert result["q_models"]["q"]["target"] == "a test scorer" and set(result["abstain_share"]) == {"a", "b"}
+    assert json.loads((tmp_path / "pv.json").read_text())["summary"] == result["summary"]
+
+    with pytest.raises(SystemExit, match="--rollouts 3"):
+        pv.main([*args[:5], "--rollouts", "3", "--policy", f"a={tiny_model_dir}"])
+    with pytest.raises(SystemExit, match="at least one --policy"):
+        pv.main(args)
+    with pytest.raises(SystemExit, match="an LLM policy is expected"):
+        pv.main([*args, "--policy", "s=script:expert"])
+
+
+def test_policy_samples_come_back_in_history_order_on_batch_seeds_shared_by_policies():
+    """Prompts are batched by length; each history gets its own samples back, and batch b is sampled from seed + b
+    whichever policy samples (a stand-in policy echoes its prompt and seed)."""
+    import world_policy_values as pv
+
+    class Echo:
+        def prompts(self, histories):
+            return [str(h) for h in histories]
+
+        def generate(self, prompts, seed):
+            return [f"{p}|{seed}" for p in prompts]
+
+    histories = ["a" * n for n in (5, 1, 3, 2)]
+    prompts, texts = pv.sample_suggestions(Echo(), histories, 2, 3, 10, progress=False)
+    assert prompts == histories
+    for h, row in zip(histories, texts):
+        assert [t.split("|")[0] for t in row] == [h, h]
+    seeds = {t.split("|")[1] for row in texts for t in row}
+    assert seeds == {"10", "11", "12"}  # 8 samples in batches of 3, shortest prompts first
+    assert texts[1] == ["a|10", "a|10"]
+    assert pv.sample_suggestions(Echo(), histories, 2, 3, 10, progress=False)[1] == texts
+
+
+def test_best_of_n_reads_the_true_value_of_the_top_scored_sample_ties_shared():
+    import numpy as np
+
+    import world_policy_values as pv
+
+    assert pv.best_by(np.array([0.1, 0.9, 0.2]), np.array([0.0, 0.5, 1.0])) == 0.5
+    assert pv.best_by(np.array([0.9, 0.9, 0.2]), np.array([0.0, 0.5, 1.0])) == 0.25
+    # the oracle chooses on one half of the rollouts and scores on the other: no gain from noise alone
+    converted = np.array([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=float)
+    assert pv.oracle_best(converted) == 0.0
+    assert pv.oracle_best(np.array([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=float)) == 1.0
