@@ -37,15 +37,16 @@ def start_gradients(params: Any, rows: Any, batch_rows: int, seed: int) -> dict[
     base = resolve_base_model(params.base_model.name_or_path, params.base_model.cache_dir)
     tok = load_tokenizer(base)
     train = rows.filter(rows["split"] == "train")
-    need = fq.probe_init_rows + batch_rows
+    probe_rows = fq.probe_init_rows if fq.probe_init_rows is not None else train.height - batch_rows  # null: all
+    need = probe_rows + batch_rows
     if train.height < need:
         raise SystemExit(f"--input: {train.height} train rows, {need} needed (probe rows + --batch-rows)")
     take = np.random.default_rng(seed).choice(train.height, need, replace=False)
     sub = train[take.tolist()]
     ids = [encode(tok, s, a, fq.max_action_tokens) for s, a in zip(sub["state_text"].to_list(), sub["action_text"].to_list())]
     g = sub["G"].to_numpy().astype(float)
-    probe_ids, probe_g = ids[: fq.probe_init_rows], g[: fq.probe_init_rows]
-    batch, target = ids[fq.probe_init_rows:], torch.tensor(g[fq.probe_init_rows:], dtype=torch.float32)
+    probe_ids, probe_g = ids[:probe_rows], g[:probe_rows]
+    batch, target = ids[probe_rows:], torch.tensor(g[probe_rows:], dtype=torch.float32)
     width = max(map(len, batch))
     x = torch.full((len(batch), width), tok.pad_token_id)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -53,7 +54,7 @@ def start_gradients(params: Any, rows: Any, batch_rows: int, seed: int) -> dict[
         x[i, : len(b)], mask[i, : len(b)] = torch.tensor(b), 1
     out: dict[str, Any] = {}
     for name, probe in (("probe head", (probe_ids, probe_g)), ("zero head", None)):
-        model, info = build_q_model(base, fq, tok.pad_token_id, probe=probe if fq.probe_init_rows else None)
+        model, info = build_q_model(base, fq, tok.pad_token_id, probe=probe if probe_rows else None)
         model.train()
         res = model(input_ids=x, attention_mask=mask, output_hidden_states=True)
         q = res.logits.squeeze(-1)

@@ -210,7 +210,7 @@ def build_q_model(
     """The base LM as a 1-output sequence classifier with LoRA on the backbone and a fully trained head.
 
     The head starts as a linear probe fitted on ``probe`` = (encoded train rows, their G) when
-    ``fit_q.probe_init_rows`` > 0, else at zero. Returns the PEFT model and facts about the init.
+    ``fit_q.probe_init_rows`` is not 0 (null: every row), else at zero. Returns the PEFT model and facts about the init.
 
     Weights are fp32 whatever ``base_model.dtype`` (the policies' load dtype): peft keeps LoRA in fp32 anyway, but
     the fully trained head would be bf16 (8 mantissa bits: steps below ~0.4% of a weight are lost) and the probe's
@@ -232,7 +232,7 @@ def build_q_model(
     # Measured on Deal-or-No-Deal (192 rows, 1 epoch): zero head AUC 0.69 / MSE 0.15, random 0.63 / 0.21.
     torch.nn.init.zeros_(model.score.weight)
     info: dict[str, Any] = {"probe_rows": 0, "probe_alpha": None}
-    if probe is not None and fq.probe_init_rows > 0 and len(probe[0]):
+    if probe is not None and fq.probe_init_rows != 0 and len(probe[0]):
         info = probe_head(model, probe[0], np.asarray(probe[1], dtype=float), pad_token_id, fq, progress)
     n_layers = model.config.num_hidden_layers
     if fq.lora_top_layers is not None and fq.lora_top_layers > n_layers:

@@ -142,6 +142,6 @@ def test_load_params_applies_dotted_overrides_and_names_the_bad_field(tmp_path):
     p = load_params(REPO / "params.yaml", {"fit_q.epochs": 3, "register.ab_gate.alpha": 0.1})
     assert p.fit_q.epochs == 3 and p.registry.ab_gate.alpha == 0.1
     with pytest.raises(ConfigError, match=r"params\.yaml: invalid configuration\n  - field 'fit_q.epochs'"):
-        load_params(REPO / "params.yaml", {"fit_q.epochs": 0})
+        load_params(REPO / "params.yaml", {"fit_q.epochs": -1})
     merged = sc.deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 5}, "d": [2]})
     assert merged == {"a": {"b": 5, "c": 2}, "d": [2]}  # mappings merge, lists replace

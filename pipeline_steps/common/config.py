@@ -306,9 +306,11 @@ class FitQParams(Section):
     max_train_rows: int | None = Field(
         None, gt=0, description="Train on a seeded sample of at most this many rows (null = all); a CPU budget knob."
     )
-    probe_init_rows: int = Field(
-        256, ge=0, description="Start the head as a linear probe (ridge regression of G on the frozen model's "
-        "last-token states) fitted on up to this many train rows, then train LoRA + head (LP-FT); 0 = zero head.",
+    probe_init_rows: int | None = Field(
+        None, ge=0, description="Start the head as a linear probe (ridge regression of G on the frozen model's "
+        "last-token states) fitted on up to this many train rows, then train LoRA + head (LP-FT); null = every train "
+        "row (a forward pass over them, ~1/3 of an epoch's compute), 0 = zero head. On 3,000 rows of world logs the "
+        "probe on all of them ranked the outcome at AUC 0.583 against 0.516 on 256 (benchmarks/README.md).",
     )
     calibration_bins: int = Field(10, ge=2, description="Equal-count bins of Q in the reliability plot.")
     seed: int = Field(42, description="Seed of the head/LoRA initialisation and dropout.")
