@@ -78,8 +78,10 @@ def _reply_divergence(policy: Any, other: Any, prompts: list[str], replies: list
 
     At the sampling temperature (the distributions that are deployed, as ``evaluate``'s KL), exact over the
     vocabulary at each reply position. Row by row, so no padding enters either model; both log-softmaxes in
-    fp32. The decoded reply is tokenised again after its prompt (which ends with the assistant header), so the
-    reply's tokens start right after the prompt's; its end-of-turn token is not scored.
+    fp64: the KL of a bf16 copy of a tiny model can be ~1e-7 per token, below fp32's rounding of the sum (which
+    then came out negative on an AMD EPYC). The decoded reply is tokenised again after its prompt (which ends
+    with the assistant header), so the reply's tokens start right after the prompt's; its end-of-turn token is
+    not scored.
     """
     import torch
 
@@ -95,8 +97,8 @@ def _reply_divergence(policy: Any, other: Any, prompts: list[str], replies: list
             x = torch.tensor([ids])
             # position i's logits predict token i + 1: the reply's tokens are predicted from len(p_ids) - 1 on
             lo = len(p_ids) - 1
-            lp = torch.log_softmax(policy.model(x.to(policy.model.device)).logits[0, lo:-1].float() / t, -1)
-            lq = torch.log_softmax(other.model(x.to(other.model.device)).logits[0, lo:-1].float() / t, -1)
+            lp = torch.log_softmax(policy.model(x.to(policy.model.device)).logits[0, lo:-1].double() / t, -1)
+            lq = torch.log_softmax(other.model(x.to(other.model.device)).logits[0, lo:-1].double() / t, -1)
             kls.append((lq.exp() * (lq - lp)).sum(-1).cpu())
             agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
             own_logp += float(lp.gather(-1, x[0, lo + 1:, None].to(lp.device)).sum())
