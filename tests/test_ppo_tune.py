@@ -314,6 +314,29 @@ def test_ppo_reward_model_equals_q_score(world_files, tmp_path, tokenizer):
     assert np.ptp(expected) > 0  # a scorer that reads the context, not a constant
 
 
+def test_q_reward_function_subtracts_the_missing_eos_penalty_only_when_asked(world_files, tmp_path, tokenizer):
+    """RLOO/GRPO's reward is Q alone by default (params.yaml: missing_eos_penalty null); with a penalty, exactly
+    the responses that hit the limit without EOS lose it, and Q itself is read the same either way."""
+    import polars as pl
+
+    from pipeline_steps.common.config import load_params
+    from pipeline_steps.common.q_model import load_scorer
+    from pipeline_steps.ppo_tune import QRewardFunction
+
+    assert load_params(Path(__file__).resolve().parents[1] / "params.yaml").ppo_tune.missing_eos_penalty is None
+    scorer, q_tok = load_scorer(build_token_scorer(world_files["policy"], tmp_path / "q_random", random_body=True))
+    states = pl.read_parquet(world_files["returns"])["state_text"].unique(maintain_order=True).to_list()[:4]
+    eos = tokenizer.eos_token_id
+    completions = ["Happy to help! When can we visit?", "Sure", "What size is the room?", "We can start Monday"]
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    ids = [r + [eos] if i % 2 == 0 else r for i, r in enumerate(ids)]  # rows 1 and 3 hit the limit
+    plain = QRewardFunction(scorer, q_tok, 2, None, None)(prompts=states, completions=completions, completion_ids=ids)
+    penalised = QRewardFunction(scorer, q_tok, 2, 0.1, None)(prompts=states, completions=completions,
+                                                             completion_ids=ids)
+    np.testing.assert_allclose(np.subtract(plain, penalised), [0.0, 0.1, 0.0, 0.1], atol=1e-6)
+    assert np.ptp(plain) > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Other single-turn improvers
 # ------------------------------------------------------------------------------------------------

@@ -363,7 +363,9 @@ class PPOTuneParams(Section):
     )
     temperature: float = Field(0.7, gt=0, description="Sampling temperature of rollouts (and of the held-out check).")
     missing_eos_penalty: float | None = Field(
-        0.1, ge=0, description="Subtracted from Q when a response hits response_length without EOS (null = none)."
+        None, ge=0, description="Subtracted from Q when a response hits response_length without EOS (null = none, "
+        "the default: collect cuts replies at max_new_tokens too and Q is fit on those cut replies, so a penalty "
+        "rewards ending early, which the deployed policy is not judged on).",
     )
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip. PPO: cliprange; RLOO/GRPO: epsilon.")
     vf_coef: float = Field(0.1, ge=0, description="PPO: weight of the value loss.")
