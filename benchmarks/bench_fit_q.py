@@ -302,7 +302,7 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = sum(r[key] for r in runs)
     out["train_rows"] = int(round(np.mean([r["train_rows"] for r in runs])))  # per fold
     out["epochs"] = max(r["epochs"] for r in runs)
-    out["tokens_per_second"] = out["train_tokens"] / out["step_seconds"]
+    out["tokens_per_second"] = out["train_tokens"] / out["step_seconds"] if out["step_seconds"] else None
     out["score_tokens_per_second"] = float(np.mean([r["score_tokens_per_second"] for r in runs]))
     out["mean_tokens_per_row"] = float(np.mean([r["mean_tokens_per_row"] for r in runs]))
     out["flops_per_token_exec"] = float(np.mean([r["flops_per_token_exec"] for r in runs]))
@@ -444,12 +444,15 @@ def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: An
     init_s = time.perf_counter() - t_init
     counts = flop_counts(model)
     timer = StepTimer()
-    with tempfile.TemporaryDirectory(prefix="bench_fit_q.") as work:
-        t0 = time.perf_counter()
-        run = fit_q.train_q(model, fit_q._Rows(tr_ids, train["G"].to_numpy()),
-                            fit_q._Rows(va_ids[:eval_rows], val["G"].to_numpy()[:eval_rows]),
-                            fq, pad, Path(work), progress=True, callbacks=[timer])
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if epochs:
+        with tempfile.TemporaryDirectory(prefix="bench_fit_q.") as work:
+            run = fit_q.train_q(model, fit_q._Rows(tr_ids, train["G"].to_numpy()),
+                                fit_q._Rows(va_ids[:eval_rows], val["G"].to_numpy()[:eval_rows]),
+                                fq, pad, Path(work), progress=True, callbacks=[timer])
+    else:  # fit_q.epochs 0: the probe head alone, as fit_q runs it (no Trainer, no backward pass)
+        run = {"log_history": [], "kept_initial": True, "epochs_run": 0.0}
+    wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     q = score_ids(model, va_ids, pad, fq.eval_batch_size)
     score_s = time.perf_counter() - t1
@@ -461,7 +464,7 @@ def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: An
         "q": q, "bf16": bf16, "init": init, "init_seconds": init_s, "train_rows": len(tr_ids), "val_rows": len(va_ids), "epochs": run["epochs_run"],
         "train_tokens": tokens, "step_seconds": timer.seconds, "train_wall_seconds": wall, "score_seconds": score_s,
         "score_tokens_per_second": sum(map(len, va_ids)) / score_s,
-        "tokens_per_second": tokens / timer.seconds, "mean_tokens_per_row": mean_len,
+        "tokens_per_second": tokens / timer.seconds if timer.seconds else None, "mean_tokens_per_row": mean_len,
         "flops_per_token_6n": 6 * n, "flops_per_token_exec": 2 * (2 * n + attn_fwd), **counts,
         "learning_curve": fit_q.learning_curve(run["log_history"]),
         "kept": "probe (epoch 0)" if run["kept_initial"] else f"epoch {min((r for r in fit_q.learning_curve(run['log_history']) if r['eval_loss'] is not None), key=lambda r: r['eval_loss'])['epoch']}",
@@ -541,7 +544,8 @@ def main() -> None:
     ap.add_argument("--world-train-rows", type=int, default=112)
     ap.add_argument("--world-val-rows", type=int, default=96)
     ap.add_argument("--eval-rows", type=int, default=24, help="validation rows the Trainer evaluates per epoch")
-    ap.add_argument("--epochs", type=int, default=1, help="LoRA epochs of the quality runs (early stopping may end sooner)")
+    ap.add_argument("--epochs", type=int, default=1, help="LoRA epochs of the quality runs (early stopping may end sooner); "
+                    "0 = fit_q's probe head alone (fit_q.epochs: 0), forward passes only")
     ap.add_argument("--throughput-rows", type=int, default=160,
                     help="Deal-or-No-Deal train rows of the fp32-vs-bf16 runs (the first of the --dnd-train-rows sample)")
     ap.add_argument("--throughput-epochs", type=int, default=1)
@@ -564,6 +568,10 @@ def main() -> None:
         ap.error(f"--tasks {args.tasks!r}: choose from dnd, world")
     if args.folds == 1 or args.folds < 0:
         ap.error(f"--folds {args.folds}: 0 (one split) or at least 2")
+    if args.epochs < 0:
+        ap.error(f"--epochs {args.epochs}: 0 (the probe alone) or more")
+    if args.epochs == 0 and args.precision == "measure":
+        ap.error("--epochs 0 trains nothing, so there is no precision to measure: give --precision fp32 or bf16")
     if args.folds and args.precision == "measure":
         ap.error("--folds trains K models per task: fix the precision with --precision fp32 or bf16")
     if args.dnd_hold_out_all and (not args.dnd_extra_train or args.folds or args.precision == "measure"):
@@ -721,6 +729,11 @@ def main() -> None:
     for name, r in runs.items():
         prec = "bf16" if r["bf16"] else "fp32"
         p = peak[prec] * 1e9
+        if r["tokens_per_second"] is None:  # --epochs 0: nothing was trained, only the probe's forward passes
+            r["mfu_6n"] = r["mfu_exec"] = None
+            tt.add_row(name, prec, f"{r['mean_tokens_per_row']:.0f}", "-", "-", "-", f"{peak[prec]:.0f}",
+                       f"{r['score_tokens_per_second']:.0f}")
+            continue
         r["mfu_6n"] = r["tokens_per_second"] * r["flops_per_token_6n"] / p
         r["mfu_exec"] = r["tokens_per_second"] * r["flops_per_token_exec"] / p
         tt.add_row(name, prec, f"{r['mean_tokens_per_row']:.0f}", f"{r['tokens_per_second']:.0f}", f"{r['mfu_6n']:.1%}",

@@ -119,6 +119,28 @@ def test_bench_fit_q_world_from_collected_logs_saves_every_scored_row(tmp_path, 
     assert lo <= task["auc_margin"] <= hi
 
 
+def test_bench_fit_q_epochs_zero_scores_the_probe_alone(tmp_path, tiny_model_dir):
+    """--epochs 0 is fit_q.epochs 0: the probe head fitted on the train rows scores the held-out rows, nothing is
+    trained (no throughput to report), and the baselines are scored beside it as in any run."""
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_fit_q.py"), "--base-model", str(tiny_model_dir),
+           "--threads", "1", "--max-prompt-tokens", "96", "--world-per-strategy", "6", "--world-train-rows", "40",
+           "--world-val-rows", "40", "--eval-rows", "8", "--tasks", "world", "--epochs", "0", "--out", str(out)]
+    env = {**os.environ, "COLUMNS": "200"}
+    refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--epochs 0 trains nothing" in refused.stderr and not out.exists()
+    proc = subprocess.run(cmd + ["--precision", "fp32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (name, task), = result["tasks"].items()
+    run = result["runs"][name]
+    assert run["epochs"] == 0 and run["kept"] == "probe (epoch 0)" and run["train_tokens"] == 0
+    assert run["tokens_per_second"] is None and run["mfu_exec"] is None and run["score_tokens_per_second"] > 0
+    assert run["init"]["probe_rows"] == run["train_rows"] == 40  # fit_q.probe_init_rows: null, every train row
+    lo, hi = task["auc_margin_ci95"]
+    assert lo <= task["auc_margin"] <= hi and 0.0 <= task["auc_q"] <= 1.0
+
+
 def test_cross_fitting_holds_out_every_conversation_once(tmp_path, tiny_model_dir, dealornodeal_file):
     """--folds 3: each Deal-or-No-Deal row is scored once, by a Q (and baselines) trained on the other folds; a
     dialogue's two copies share a fold; the pooled margin's CI resamples every dialogue of the corpus.
