@@ -24,6 +24,9 @@
         --world-logs benchmarks/results/bench_fit_q_world_logs_gpu/explore_logs_2048 --precision fp32 --folds 2 \
         --world-train-rows 3000 --world-val-rows 100000 --eval-rows 128 --learning-rate 1e-3 --batch-size 32
         # an LLM policy's logs (2,048 conversations collect wrote on a GPU), cross-fitted: 165 s on an H200
+    .venv/bin/python benchmarks/bench_fit_q.py --threads 2 --tasks world --world-logs $P/explore_logs_2048 \
+        --params $P/params_q_explore_notes_probe_cpu.yaml --precision fp32 --folds 2 --world-train-rows 3000 \
+        --world-val-rows 1500 --eval-rows 128 --epochs 0   # the default Q (notes + probe alone), cross-fitted on 2 CPU cores
 
 1. **Precision**: Q is trained on the first ``--throughput-rows`` Deal-or-No-Deal train rows twice, fp32 and
    with bf16 autocast (same rows, seed, budget), so the speed *and* the quality of the two are compared side
