@@ -447,15 +447,12 @@ def train_and_score(params: Any, base: Path, tokenizer: Any, train: Any, val: An
     init_s = time.perf_counter() - t_init
     counts = flop_counts(model)
     timer = StepTimer()
-    t0 = time.perf_counter()
-    if epochs:
-        with tempfile.TemporaryDirectory(prefix="bench_fit_q.") as work:
-            run = fit_q.train_q(model, fit_q._Rows(tr_ids, train["G"].to_numpy()),
-                                fit_q._Rows(va_ids[:eval_rows], val["G"].to_numpy()[:eval_rows]),
-                                fq, pad, Path(work), progress=True, callbacks=[timer])
-    else:  # fit_q.epochs 0: the probe head alone, as fit_q runs it (no Trainer, no backward pass)
-        run = {"log_history": [], "kept_initial": True, "epochs_run": 0.0}
-    wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="bench_fit_q.") as work:
+        t0 = time.perf_counter()
+        run = fit_q.train_q(model, fit_q._Rows(tr_ids, train["G"].to_numpy()),  # epochs 0: the probe alone
+                            fit_q._Rows(va_ids[:eval_rows], val["G"].to_numpy()[:eval_rows]),
+                            fq, pad, Path(work), progress=True, callbacks=[timer])
+        wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     q = score_ids(model, va_ids, pad, fq.eval_batch_size)
     score_s = time.perf_counter() - t1

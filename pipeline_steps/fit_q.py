@@ -328,8 +328,12 @@ def train_q(
 
     The validation loss of the initial weights is epoch 0; when no epoch beats it, the initial weights are
     restored (``kept_initial``). Returns the log history and timing (``train_runtime``, tokens). ``callbacks`` are extra
-    ``TrainerCallback``s (the benchmark times the optimisation steps with one).
+    ``TrainerCallback``s (the benchmark times the optimisation steps with one). ``fq.epochs`` 0 keeps the
+    initial head (the linear probe) without building a Trainer: its validation loss is left for the caller to score.
     """
+    if not fq.epochs:
+        return {"log_history": [{"epoch": 0.0, "eval_loss": None}], "kept_initial": True, "train_runtime": 0.0,
+                "train_tokens": 0, "epochs_run": 0.0, "best_checkpoint": None, "best_eval_loss": None}
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments
 
@@ -413,7 +417,7 @@ def learning_curve(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]
         row = rows.setdefault(epoch, {"epoch": epoch, "train_loss": None, "eval_loss": None})
         if "loss" in entry:
             row["train_loss"] = float(entry["loss"])
-        if "eval_loss" in entry:
+        if entry.get("eval_loss") is not None:  # None: the probe alone, not scored yet
             row["eval_loss"] = float(entry["eval_loss"])
     return [rows[k] for k in sorted(rows)]
 
@@ -568,16 +572,12 @@ def fit_q(
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.checkpoints.", dir=out_dir.parent))
     try:
         with staged_dir(out_dir) as stage, staged_dir(plots_dir) as plots:
-            if fq.epochs:
-                run = train_q(
-                    model,
-                    _Rows(train_ids, g_all[train_idx]),
-                    _Rows([val_ids[i] for i in val_order], g_all[val_idx][val_order]),
-                    fq, pad, work, progress,
-                )
-            else:  # the linear probe alone: no Trainer, no backward pass; its validation loss is filled in below
-                run = {"log_history": [{"epoch": 0.0, "eval_loss": None}], "kept_initial": True, "train_runtime": 0.0,
-                       "train_tokens": 0, "epochs_run": 0.0, "best_checkpoint": None}
+            run = train_q(  # epochs 0: the linear probe alone; its validation loss is filled in below
+                model,
+                _Rows(train_ids, g_all[train_idx]),
+                _Rows([val_ids[i] for i in val_order], g_all[val_idx][val_order]),
+                fq, pad, work, progress,
+            )
             # Scores of the adapter model (a few rows) to prove the merge changes nothing.
             check = val_ids[: min(32, len(val_ids))]
             q_adapter = score_ids(model, check, pad, fq.eval_batch_size)
