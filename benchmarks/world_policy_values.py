@@ -65,18 +65,50 @@ def sample_suggestions(policy: Any, histories: list[Any], samples: int, batch_si
     return prompts, texts
 
 
-def best_by(scores: Any, values: Any) -> float:
-    """The value of the highest-scored candidate; ties share (their values averaged)."""
+def best_by(scores: Any, values: Any, k: int | None = None) -> float:
+    """The value of the highest-scored candidate; ties share (their values averaged).
+
+    With ``k`` below the number of candidates: the expected value of that pick among ``k`` candidates drawn at
+    random without replacement (best-of-k from the same samples), computed exactly over every k-subset. A subset's
+    top score is level ``L`` when it holds none of the ``c`` candidates scored above ``L`` and at least one of the
+    ``m`` at ``L``: probability ``(C(n - c, k) - C(n - c - m, k)) / C(n, k)``; given that, the tied ones it holds
+    are a random draw from the level, so their mean value is the level's mean."""
     import numpy as np
+    from scipy.special import comb
 
-    top = np.flatnonzero(scores == scores.max())
-    return float(values[top].mean())
+    scores, values = np.asarray(scores, float), np.asarray(values, float)
+    n = len(scores)
+    k = n if k is None else k
+    if not 1 <= k <= n:
+        raise ValueError(f"best of k={k} among {n} candidates: 1 <= k <= {n}")
+    total, above = 0.0, 0
+    for level in np.unique(scores)[::-1]:
+        at = scores == level
+        m = int(at.sum())
+        p = (comb(n - above, k, exact=True) - comb(n - above - m, k, exact=True)) / comb(n, k, exact=True)
+        total += p * float(values[at].mean())
+        above += m
+    return total
 
 
-def oracle_best(converted: Any) -> float:
-    """The true value of the best candidate, chosen on even rollouts and scored on odd ones and the reverse."""
+def oracle_best(converted: Any, k: int | None = None) -> float:
+    """The true value of the best candidate (of a random ``k`` of them), chosen on even rollouts and scored on odd
+    ones and the reverse, so that rollout noise alone gains nothing."""
     a, b = converted[:, 0::2].mean(axis=1), converted[:, 1::2].mean(axis=1)
-    return 0.5 * (best_by(a, b) + best_by(b, a))
+    return 0.5 * (best_by(a, b, k) + best_by(b, a, k))
+
+
+def best_of_k_sizes(samples: int) -> list[int]:
+    """The k of the best-of-k frontier: 2, 4, 8, ... below ``samples``, and ``samples`` itself."""
+    return [k for k in (2 ** i for i in range(1, samples.bit_length())) if k < samples] + [samples]
+
+
+def best_of_k_kl_bound(k: int) -> float:
+    """Upper bound on KL(best-of-k || pi) in nats per reply, ``log k - (k - 1) / k`` (Beirami et al., 2024): the
+    KL budget a best-of-k pick spends, to set beside a PPO policy's per-reply KL from pi_0."""
+    import math
+
+    return math.log(k) - (k - 1) / k
 
 
 def policy_values(logs_dir: str, policy_specs: dict[str, str], params_path: str = "params.yaml", n_states: int = 400,
@@ -154,7 +186,8 @@ def policy_values(logs_dir: str, policy_specs: dict[str, str], params_path: str 
         per_state[f"{label}: minus logged"] = value - logged_q
         if label != labels[0]:
             per_state[f"{label}: minus {labels[0]}"] = value - q_world[:, cols[labels[0]]].mean(axis=1)
-        per_state[f"{label}: oracle best of {samples}"] = np.array([oracle_best(c[cols[label]]) for c in conv])
+        for k in best_of_k_sizes(samples):
+            per_state[f"{label}: oracle best of {k}"] = np.array([oracle_best(c[cols[label]], k) for c in conv])
 
     q_models: dict[str, Any] = {}
     if q_specs:
@@ -175,10 +208,17 @@ def policy_values(logs_dir: str, policy_specs: dict[str, str], params_path: str 
         q_models[qlabel] = {**info, "states_with_a_spread": int(ok.sum()),
                             "within_state_spearman": mean_ci(np.asarray(rho)[ok], groups[ok], seed) if ok.any() else None}
         for label in labels:
-            per_state[f"{label}: best of {samples} by {qlabel}"] = np.array(
-                [best_by(q[i, cols[label]], q_world[i, cols[label]]) for i in range(len(chosen))])
+            for k in best_of_k_sizes(samples):
+                per_state[f"{label}: best of {k} by {qlabel}"] = np.array(
+                    [best_by(q[i, cols[label]], q_world[i, cols[label]], k) for i in range(len(chosen))])
             per_state[f"{label}: mean {qlabel}"] = q[:, cols[label]].mean(axis=1)
 
+    frontier = {label: [{"k": k, "kl_bound_nats_per_reply": best_of_k_kl_bound(k),
+                         **{f"{chooser} gain": mean_ci(per_state[f"{label}: {name}"] - per_state[f"{label}: value"],
+                                                       groups, seed)
+                            for chooser, name in [("oracle", f"oracle best of {k}"),
+                                                  *((q, f"best of {k} by {q}") for q in q_models)]}}
+                        for k in best_of_k_sizes(samples)] for label in labels}
     abstain_share = {label: float(np.mean([t is None for row in texts[label] for t in row])) for label in labels}
     examples = [{"conversation_id": k[0], "turn_index": k[1], "understood": bool(understood[i]),
                  "logged": bp["logged_text"][k], **{label: texts[label][i] for label in labels}}
@@ -187,6 +227,7 @@ def policy_values(logs_dir: str, policy_specs: dict[str, str], params_path: str 
             "continuation": continuation_name, "rollouts": n_rollouts, "samples_per_state": samples,
             "states": len(chosen), "state_conversations": int(len(set(groups))), "seed": seed,
             "abstain_share": abstain_share, "generation_seconds": gen_seconds, "summary": summarise(per_state),
+            "best_of_k_frontier": frontier,
             "examples": examples, "seconds": time.perf_counter() - t0}
 
 
@@ -211,6 +252,17 @@ def print_summary(result: dict[str, Any]) -> None:
         rho = info["within_state_spearman"]
         print(f"{label}: within-state Spearman(Q, Q_world) among the samples, {info['states_with_a_spread']} states where "
               "both vary: " + ("{:+.3f} [{:+.3f}, {:+.3f}]".format(*rho) if rho else "none"))
+    for label, rows in result.get("best_of_k_frontier", {}).items():
+        choosers = [c for c in rows[0] if c.endswith(" gain")]
+        table = Table(title=f"best-of-k among {label}'s samples: true gain over one sample [95% CI], against the KL it "
+                            "may spend (nats per reply, upper bound)")
+        for col in ("k", "KL bound", *choosers, *(f"{c[:-5]} / oracle" for c in choosers[1:])):
+            table.add_column(col, justify="right")
+        for row in rows:
+            share = [f"{row[c][0] / row['oracle gain'][0]:.0%}" if row["oracle gain"][0] > 0 else "" for c in choosers[1:]]
+            table.add_row(str(row["k"]), f"{row['kl_bound_nats_per_reply']:.3f}",
+                          *("{:+.4f} [{:+.4f}, {:+.4f}]".format(*row[c]) for c in choosers), *share)
+        Console(width=200).print(table)
     print("abstain share of the samples:", {k: round(v, 3) for k, v in result["abstain_share"].items()})
 
 

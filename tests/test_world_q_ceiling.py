@@ -410,7 +410,7 @@ def test_policy_values_branch_each_policy_sample_at_the_action_values_states(wor
     import world_policy_values as pv
 
     scorer = _tiny_scorer(tiny_model_dir, tmp_path / "scorer", params, world, base_tokenizer)
-    args = [str(world_logs), "--params", str(REPO / "params.yaml"), "--states", "12", "--rollouts", "4", "--samples", "2",
+    args = [str(world_logs), "--params", str(REPO / "params.yaml"), "--states", "12", "--rollouts", "4", "--samples", "3",
             "--batch-size", "5", "--no-progress"]
     result = pv.main([*args, "--policy", f"a={tiny_model_dir}", "--policy", f"b={tiny_model_dir}", "--q-model", f"q={scorer}",
                       "--out", str(tmp_path / "pv.json")])
@@ -421,7 +421,12 @@ def test_policy_values_branch_each_policy_sample_at_the_action_values_states(wor
     s = result["summary"]["all"]
     assert s["b: minus a"] == [0.0, 0.0, 0.0] and s["a: value"] == s["b: value"]
     assert s["a: minus logged"][0] == pytest.approx(s["a: value"][0] - s["logged"][0])
-    assert 0 <= s["a: best of 2 by q"][0] <= 1 and s["a: mean q"] == s["b: mean q"]
+    assert 0 <= s["a: best of 2 by q"][0] <= 1 and s["a: mean q"] == pytest.approx(s["b: mean q"], abs=1e-6)  # batch padding
+    frontier = result["best_of_k_frontier"]["a"]  # best-of-k for k = 2 and 3 of the 3 samples, by the oracle and by Q
+    assert [row["k"] for row in frontier] == [2, 3] and set(frontier[0]) == {"k", "kl_bound_nats_per_reply", "oracle gain",
+                                                                             "q gain"}
+    assert frontier[1]["oracle gain"][0] == pytest.approx(s["a: oracle best of 3"][0] - s["a: value"][0])
+    assert frontier[0]["q gain"][0] == pytest.approx(s["a: best of 2 by q"][0] - s["a: value"][0])
     assert result["q_models"]["q"]["target"] == "a test scorer" and set(result["abstain_share"]) == {"a", "b"}
     assert json.loads((tmp_path / "pv.json").read_text())["summary"] == result["summary"]
 
@@ -467,3 +472,30 @@ def test_best_of_n_reads_the_true_value_of_the_top_scored_sample_ties_shared():
     converted = np.array([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=float)
     assert pv.oracle_best(converted) == 0.0
     assert pv.oracle_best(np.array([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=float)) == 1.0
+
+
+def test_best_of_k_is_the_exact_mean_over_every_k_subset_ties_included():
+    from itertools import combinations
+
+    import numpy as np
+
+    import world_policy_values as pv
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 3, size=7).astype(float)  # few levels: many ties, as the oracle's rollout means have
+    values = rng.random(7)
+    for k in range(1, 8):
+        brute = np.mean([pv.best_by(scores[list(s)], values[list(s)]) for s in combinations(range(7), k)])
+        assert abs(pv.best_by(scores, values, k) - brute) < 1e-12
+    assert pv.best_by(scores, values, 1) == pytest.approx(values.mean())  # one random sample: the policy's value
+    assert pv.best_by(scores, values, 7) == pv.best_by(scores, values)
+    converted = rng.integers(0, 2, size=(5, 8)).astype(float)
+    assert pv.oracle_best(converted, 5) == pv.oracle_best(converted)
+    assert pv.best_of_k_sizes(8) == [2, 4, 8] and pv.best_of_k_sizes(6) == [2, 4, 6] and pv.best_of_k_sizes(1) == [1]
+    assert pv.best_of_k_kl_bound(1) == 0.0 and abs(pv.best_of_k_kl_bound(2) - (np.log(2) - 0.5)) < 1e-12
+    try:
+        pv.best_by(scores, values, 8)
+    except ValueError as e:
+        assert "k=8 among 7" in str(e)
+    else:
+        raise AssertionError("k above the number of candidates must be refused")
