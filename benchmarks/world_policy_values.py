@@ -24,6 +24,18 @@ its samples), the paired difference from the first policy, and from the logged s
 samples at a state, and best-of-n: the true value of the sample Q ranks highest among a policy's samples (the
 inference-time improvement ``ippo bench``'s best-of-n baseline makes), beside the oracle's best (chosen on half of
 the rollouts and scored on the other half).
+
+It also reports the best-of-k frontier, k = 2, 4, ... up to ``--samples``: the true gain of the oracle's and each
+Q's pick among k of a policy's samples (exact over every k-subset) against the KL that pick may spend,
+``log k - (k - 1) / k`` nats per reply at most (Beirami et al., 2024). Best-of-k is about as good a use of a KL
+budget as the KL-regularised optimum PPO aims at (Yang et al., 2024), so the oracle's row says roughly what any
+reward model could gain at that KL from the policy's own samples, and ppo_tune's ``theorem1.kl_per_response``
+says where a PPO policy sits on that axis:
+
+    .venv/bin/python benchmarks/world_policy_values.py benchmarks/results/bench_fit_q_world_logs_gpu/explore_logs_2048 \\
+        --params benchmarks/results/bench_fit_q_world_logs_gpu/params_q_explore_notes_cpu.yaml \\
+        --policy pi0=pi0 --samples 6 --q-model q_probe=data/bench/q_explore_256_notes_probe/model/scorer \\
+        --out world_policy_values_pi0_best_of_6.json
 """
 
 from __future__ import annotations
