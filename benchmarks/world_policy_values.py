@@ -34,8 +34,8 @@ says where a PPO policy sits on that axis:
 
     .venv/bin/python benchmarks/world_policy_values.py benchmarks/results/bench_fit_q_world_logs_gpu/explore_logs_2048 \\
         --params benchmarks/results/bench_fit_q_world_logs_gpu/params_q_explore_notes_cpu.yaml \\
-        --policy pi0=pi0 --samples 6 --q-model q_probe=data/bench/q_explore_256_notes_probe/model/scorer \\
-        --out world_policy_values_pi0_best_of_6.json
+        --policy pi0=pi0 --states 200 --samples 6 --q-model q_probe=data/bench/q_explore_256_notes_probe/model/scorer \\
+        --out world_policy_values_pi0_best_of_6.json   # benchmarks/README: 36 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -225,12 +225,15 @@ def policy_values(logs_dir: str, policy_specs: dict[str, str], params_path: str 
                     [best_by(q[i, cols[label]], q_world[i, cols[label]], k) for i in range(len(chosen))])
             per_state[f"{label}: mean {qlabel}"] = q[:, cols[label]].mean(axis=1)
 
-    frontier = {label: [{"k": k, "kl_bound_nats_per_reply": best_of_k_kl_bound(k),
-                         **{f"{chooser} gain": mean_ci(per_state[f"{label}: {name}"] - per_state[f"{label}: value"],
-                                                       groups, seed)
-                            for chooser, name in [("oracle", f"oracle best of {k}"),
-                                                  *((q, f"best of {k} by {q}") for q in q_models)]}}
-                        for k in best_of_k_sizes(samples)] for label in labels}
+    frontier: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for label in labels:  # each chooser's best-of-k minus one sample, paired per state
+        value = per_state[f"{label}: value"]
+        for k in best_of_k_sizes(samples):
+            row: dict[str, Any] = {"k": k, "kl_bound_nats_per_reply": best_of_k_kl_bound(k),
+                                   "oracle gain": mean_ci(per_state[f"{label}: oracle best of {k}"] - value, groups, seed)}
+            for qlabel in q_models:
+                row[f"{qlabel} gain"] = mean_ci(per_state[f"{label}: best of {k} by {qlabel}"] - value, groups, seed)
+            frontier[label].append(row)
     abstain_share = {label: float(np.mean([t is None for row in texts[label] for t in row])) for label in labels}
     examples = [{"conversation_id": k[0], "turn_index": k[1], "understood": bool(understood[i]),
                  "logged": bp["logged_text"][k], **{label: texts[label][i] for label in labels}}
