@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,7 @@ def test_bench_reports_every_policy_on_the_same_personas(tiny_bench):
     for f in ("results.json", "results.md", "results.png"):
         assert (out / f).stat().st_size > 0
     md = (out / "results.md").read_text()
+    assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", res["meta"]["commit"]) and f"commit {res['meta']['commit']};" in md
     assert "| pi_2 |" in md and "best-of-2" in md and "Wall time per step" in md and "Peak resident memory" in md
     peaks = res["step_peak_rss_gb"]["pi_1"]
     assert set(peaks) == set(res["step_seconds"]["pi_1"]) and all(0.01 < v < 64 for v in peaks.values())
