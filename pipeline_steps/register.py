@@ -20,14 +20,13 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipeline_steps.common.config import ConfigError, Params, load_params
 from pipeline_steps.common.registry import CHALLENGER, TAG_GATES, TAG_REASONS, RegistryError, ab_gate, current_champion, offline_gate
-from pipeline_steps.common.tracking import tracking_uri, write_json
+from pipeline_steps.common.tracking import git_commit, tracking_uri, write_json
 
 STEP = "register"
 
@@ -51,13 +50,6 @@ def path_md5(path: str | Path) -> str:
         raise RegistryError(f"lineage input not found: {path}")
     entries = [(p.relative_to(path).as_posix(), hashlib.md5(p.read_bytes()).hexdigest()) for p in sorted(path.rglob("*")) if p.is_file()]
     return hashlib.md5(json.dumps(entries).encode()).hexdigest() + ".dir"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def check_server(uri: str) -> None:

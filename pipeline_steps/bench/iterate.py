@@ -45,7 +45,7 @@ import yaml
 
 from pipeline_steps.common.config import Params, apply_overrides, deep_merge, get_dotted, read_yaml, validate_params
 from pipeline_steps.common.step_commands import POLICY, Q_MODEL, RETURNS, STEPS, argv
-from pipeline_steps.common.tracking import write_json
+from pipeline_steps.common.tracking import git_commit, write_json
 
 REVIEWER = "ippo-bench"
 
@@ -440,9 +440,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     lines = [
         f"Command: `{m['command']}`  ",
-        f"Machine: {m['machine']}; date {m['date']}; "
-        + (f"commit {m['commit']}; " if m.get("commit") else "")
-        + f"wall time {m['wall_seconds'] / 60:.1f} min; "
+        f"Machine: {m['machine']}; date {m['date']}; commit {m['commit']}; wall time {m['wall_seconds'] / 60:.1f} min; "
         f"{m['conversations']} conversations per policy on the same seeded personas.",
         "",
         "| policy | conversion [95% CI] | n | normalised | A/B lift vs previous [95% CI], p | KL from pi_0 (per token) | wall time |",
@@ -511,15 +509,6 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
-def source_version() -> str:
-    """The commit of the code that ran (``git describe --always --dirty``, tags ignored), so a results table names what produced it."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _without_k(data: dict[str, Any]) -> dict[str, Any]:
     """The config minus ``bench.iterations``: a finished run can be extended (or reported) with another K."""
     d = copy.deepcopy(data)
@@ -555,7 +544,7 @@ def bench_iterate(params_path: str | Path, profiles: Sequence[str | Path], out: 
     meta = {
         "command": " ".join(["ippo bench iterate", *(f"--profile {p}" for p in profiles),
                              *([f"--iterations {iterations}"] if iterations else []), f"--out {os.path.relpath(out)}"]),
-        "machine": machine_description(), "date": datetime.now().strftime("%Y-%m-%d"), "commit": source_version(),
+        "machine": machine_description(), "date": datetime.now().strftime("%Y-%m-%d"), "commit": git_commit(Path(__file__).resolve().parent, short=True, mark_dirty=True),
         "wall_seconds": spent, "this_invocation_seconds": time.perf_counter() - t0,
         "conversations": params.evaluate.ab_conversations, "iterations": params.bench.iterations,
         "base_model": params.base_model.name_or_path, "follow_gates": params.bench.follow_gates,

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -69,3 +70,15 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     tmp.write_text(text + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def git_commit(cwd: str | Path | None = None, short: bool = False, mark_dirty: bool = False) -> str:
+    """The checkout's commit (tags ignored), so a registered model or a results table names the code behind it.
+
+    ``mark_dirty`` appends ``-dirty`` when tracked files differ from it; "unknown" outside a git checkout.
+    """
+    cmd = ["git", "describe", "--always", "--exclude=*", *([] if short else ["--abbrev=40"]), *(["--dirty"] if mark_dirty else [])]
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
