@@ -27,10 +27,12 @@
   top-k/top-p, at most ``response_length`` tokens, EOS ends a response), scored by Q_i on the same token
   ids PPO's reward model reads. ``improvement`` = mean over states of (mean Q of pi_{i+1}'s responses -
   mean Q of pi_i's), with a paired bootstrap 95% CI (``scipy.stats.bootstrap``, resampling states);
-  ``kl_per_token`` = sum over pi_{i+1}'s response tokens of ``log pi_{i+1} - log pi_i`` (both at the
-  sampling temperature) divided by the number of tokens (an unbiased Monte-Carlo estimate of KL(pi_{i+1}
-  || pi_i) per token), and ``kl_per_response`` per response. The evaluate step repeats the comparison
-  with the *deployed* generation settings (top-p, repetition penalty, clean-up) and the A/B test.
+  ``kl_per_token`` = sum over pi_{i+1}'s response tokens of the exact KL(pi_{i+1} || pi_i) over the
+  vocabulary at that prefix (both at the sampling temperature), divided by the number of tokens: the
+  Rao-Blackwellised Monte-Carlo estimate of KL(pi_{i+1} || pi_i) per token (same expectation as the sampled
+  ``log pi_{i+1} - log pi_i``, never negative, lower variance), and ``kl_per_response`` per response. The
+  evaluate step repeats the comparison with the *deployed* generation settings (top-p, repetition penalty,
+  clean-up) and the A/B test.
 
 **Pad tokens (why PPO gets its own).** SmolLM2's pad token *is* its EOS ``<|im_end|>``, and TRL's PPO
 derives every attention mask as ``ids != pad_token_id``. With pad = EOS it would (a) mask the two
@@ -82,7 +84,7 @@ import numpy as np
 
 from pipeline_steps.common.base_model import sdpa_without_cudnn
 from pipeline_steps.common.config import ConfigError, Params, PPOTuneParams, load_params
-from pipeline_steps.common.policies import response_logprobs
+from pipeline_steps.common.policies import response_token_kls
 from pipeline_steps.common.stats import paired_bootstrap
 from pipeline_steps.common.tracking import flat_metrics, step_run, write_json
 
@@ -596,10 +598,9 @@ def theorem1_check(old: Any, new: Any, tokenizer: Any, scorer: Any, q_tok: Any, 
         return score_ids(scorer, seqs, q_tok.pad_token_id, p.eval_batch_size)
 
     q_old, q_new = q_of(resp_old), q_of(resp_new)
-    lp_new = response_logprobs(new, tokenizer, rep, resp_new, p.temperature, p.eval_batch_size)
-    lp_old = response_logprobs(old, tokenizer, rep, resp_new, p.temperature, p.eval_batch_size)
-    per_response = np.array([float((a - b).sum()) for a, b in zip(lp_new, lp_old)])
-    tokens = int(sum(len(a) for a in lp_new))
+    token_kls = response_token_kls(new, old, tokenizer, rep, resp_new, p.temperature, p.eval_batch_size)
+    per_response = np.array([float(x.sum()) for x in token_kls])
+    tokens = int(sum(len(x) for x in token_kls))
     state_new, state_old = q_new.reshape(-1, k).mean(1), q_old.reshape(-1, k).mean(1)
     eos = tokenizer.eos_token_id
     metrics = {

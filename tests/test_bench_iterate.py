@@ -163,7 +163,7 @@ def test_bench_reports_every_policy_on_the_same_personas(tiny_bench):
     assert res["rows"][0]["normalised"] == 0.0 and expert["normalised"] == 1.0
     for r in res["rows"][1:3]:
         assert set(r["lift_vs_previous"]) >= {"lift_abs", "lift_ci_low", "lift_ci_high", "p_value"}
-        assert r["kl_from_pi0"] is not None and np.isfinite(r["kl_from_pi0"])
+        assert r["kl_from_pi0"] is not None and np.isfinite(r["kl_from_pi0"]) and r["kl_from_pi0"] >= 0
         assert str(r["registered_version"]) == r["policy"].split("_")[1]  # one model version per iteration
     assert set(res["step_seconds"]["pi_1"]) == {"collect", "ingest", "validate", "returns", "fit_q", "ppo_tune",
                                                "evaluate", "register"}

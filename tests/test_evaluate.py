@@ -123,37 +123,103 @@ def test_ab_from_production_logs(tmp_path, params):
         evaluate.ab_from_logs(params, tmp_path / "logs.parquet", "nope", "treatment")
 
 
-def test_kl_per_token_matches_an_unbatched_computation(tiny_model_dir, tokenizer):
-    """The batched, right-padded estimate equals sum(log pi - log pi_ref)/tokens computed one response at a time."""
-    from types import SimpleNamespace
-
+def _tiny_pair(tiny_model_dir, scale: float = 0.05):
+    """The tiny model and a copy with perturbed weights: two policies that differ by a known amount."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from pipeline_steps.common.policies import kl_per_token
 
     torch.manual_seed(0)
     pi = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         for w in ref.parameters():
-            w.add_(0.05 * torch.randn_like(w))
+            w.add_(scale * torch.randn_like(w))
+    return pi, ref
+
+
+def test_kl_per_token_matches_an_unbatched_computation(tiny_model_dir, tokenizer):
+    """The batched, right-padded estimate equals the exact KL over the vocabulary at each response position,
+    summed and divided by the tokens, computed one response at a time (a slice off by one would not)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline_steps.common.policies import kl_per_token
+
+    pi, ref = _tiny_pair(tiny_model_dir)
     states = ["Customer: hi, how much for a kitchen?", "Customer: can you come on Monday? We need the bathroom done."]
     responses = [tokenizer("Sure, about 9k.")["input_ids"], tokenizer("Yes, Monday at 10 works for us.")["input_ids"]]
     t = 0.7
 
-    def logp(model, s, r):
+    def next_token_logp(model, s, r):
         q = tokenizer(s, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([q + r])
         with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits.float() / t, dim=-1)
-        return np.array([float(lp[0, len(q) + i - 1, tok]) for i, tok in enumerate(r)])
+            lp = torch.log_softmax(model(input_ids=torch.tensor([q + r])).logits.float() / t, dim=-1)
+        return lp[0, len(q) - 1 : len(q) + len(r) - 1]
 
-    diffs = np.concatenate([logp(pi, s, r) - logp(ref, s, r) for s, r in zip(states, responses)])
-    expected = float(diffs.sum() / len(diffs))
+    per_position = torch.cat([
+        (next_token_logp(pi, s, r).exp() * (next_token_logp(pi, s, r) - next_token_logp(ref, s, r))).sum(-1)
+        for s, r in zip(states, responses)])
+    expected = float(per_position.sum() / len(per_position))
     got = kl_per_token(SimpleNamespace(model=pi, tokenizer=tokenizer, temperature=t),
                        SimpleNamespace(model=ref, tokenizer=tokenizer, temperature=1.0), states, responses, batch_size=2)
-    assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    assert abs(expected) > 1e-3  # the perturbed reference differs: the check is not 0 == 0
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert expected > 1e-3  # the perturbed reference differs: the check is not 0 == 0
     same = SimpleNamespace(model=pi, tokenizer=tokenizer, temperature=t)
     assert kl_per_token(same, same, states, responses, batch_size=1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_exact_token_kl_has_the_sampled_log_ratio_expectation_and_less_variance(tiny_model_dir, tokenizer):
+    """On responses sampled from pi, the per-response sum of exact token KLs and the sampled log-ratio
+    sum(log pi - log pi_ref) estimate the same KL (their means agree within the log-ratio's noise), but the
+    exact one is never negative and varies far less: what makes KL on a few held-out states usable."""
+    import torch
+
+    from pipeline_steps.common.policies import response_logprobs, response_token_kls
+
+    pi, ref = _tiny_pair(tiny_model_dir, scale=0.02)
+    states = ["Customer: hi, how much for a kitchen?", "Customer: can you come on Monday?"] * 100
+    enc_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in states]
+    torch.manual_seed(1)
+    responses = []
+    with torch.no_grad():
+        for q in enc_ids:
+            out = pi.generate(torch.tensor([q]), attention_mask=torch.ones(1, len(q), dtype=torch.long), do_sample=True,
+                              temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, min_new_tokens=4,
+                              pad_token_id=tokenizer.pad_token_id)
+            responses.append(out[0, len(q):].tolist())
+    exact = np.array([x.sum() for x in response_token_kls(pi, ref, tokenizer, states, responses, 1.0, 16)])
+    sampled = np.array([(a - b).sum() for a, b in zip(response_logprobs(pi, tokenizer, states, responses, 1.0, 16),
+                                                      response_logprobs(ref, tokenizer, states, responses, 1.0, 16))])
+    se = sampled.std(ddof=1) / np.sqrt(len(sampled))
+    assert (exact >= 0).all() and exact.mean() > 0
+    assert abs(exact.mean() - sampled.mean()) < 4 * se, (exact.mean(), sampled.mean(), se)
+    assert exact.var() < 0.5 * sampled.var(), (exact.var(), sampled.var())
+
+
+def test_kl_estimator_bench_compares_both_estimators_on_the_same_samples(tmp_path, tiny_params_file, tiny_model_dir,
+                                                                         tokenizer, returns_file):
+    """benchmarks/bench_kl_estimators.py on a perturbed tiny policy: both estimators on the same held-out samples;
+    the exact one is never negative and varies less over redrawn subsets; bad arguments stop before any work."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_kl_estimators
+
+    _, perturbed = _tiny_pair(tiny_model_dir, scale=0.05)
+    policy = tmp_path / "policy"
+    perturbed.save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    out = tmp_path / "kl.json"
+    r = bench_kl_estimators.main(["--params", str(tiny_params_file), "--returns", str(returns_file), "--policy",
+                                  str(policy), "--states", "6", "--samples", "2", "--subset", "3", "--draws", "200",
+                                  "--out", str(out)])
+    assert json.loads(out.read_text()) == r
+    assert r["states"] == 6 and r["samples_per_state"] == 2 and r["tokens_per_response"] > 0
+    exact, sampled = r["exact"], r["sampled_log_ratio"]
+    assert exact["all_samples_per_token"] > 0 and exact["per_response_negative_fraction"] == 0.0
+    assert exact["subset_negative_fraction"] == 0.0
+    assert exact["subset_std"] < sampled["subset_std"] and r["subset_variance_ratio_sampled_over_exact"] > 1
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        bench_kl_estimators.main(["--params", str(tiny_params_file), "--returns", str(returns_file),
+                                  "--policy", str(policy), "--samples", "0"])

@@ -326,8 +326,9 @@ def run_baselines(runner: Runner, base: dict[str, Any], iters: list[dict[str, An
 def kl_from_pi0(runner: Runner, base: dict[str, Any], policies: dict[str, str], returns_path: Path) -> dict[str, float]:
     """Per-token ``KL(pi || pi_0)`` of each policy folder, on iteration 1's held-out states (as evaluate computes it).
 
-    ``sum(log pi - log pi_0) / tokens`` over pi's own samples at its sampling temperature: a Monte-Carlo
-    estimate of the KL per token. One unit of work per policy (an extended run computes only the new ones).
+    The exact KL over the vocabulary at each position of pi's own samples (at its sampling temperature), summed and
+    divided by the tokens (``policies.kl_per_token``): never negative, and steady on a few states where the sampled
+    ``sum(log pi - log pi_0)`` was not. One unit of work per policy (an extended run computes only the new ones).
     """
     params = Params.model_validate(base)
     cache: dict[str, Any] = {}

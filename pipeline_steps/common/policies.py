@@ -307,45 +307,77 @@ def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0)
     )
 
 
+def _response_logit_rows(model: Any, tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
+                         temperature: float, lo: int, batch_size: int) -> list[Any]:
+    """Log-softmax rows (at ``temperature``) that predict each response token of one right-padded batch."""
+    import torch
+
+    from pipeline_steps.common.base_model import sdpa_without_cudnn
+
+    seqs, starts = [], []
+    for s, r in zip(states[lo : lo + batch_size], responses[lo : lo + batch_size]):
+        q = tokenizer(s, add_special_tokens=False)["input_ids"]
+        seqs.append(q + list(r))
+        starts.append(len(q))
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    with torch.inference_mode(), sdpa_without_cudnn():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        # only the response positions are kept (their vocabulary rows), on the model's device
+        return [torch.log_softmax(logits[i, st - 1 : len(x) - 1].float() / temperature, dim=-1)
+                for i, (x, st) in enumerate(zip(seqs, starts))]
+
+
 def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
                       temperature: float, batch_size: int) -> list[np.ndarray]:
     """Per-token log-probabilities (at ``temperature``) of each response given its state; right-padded batches."""
     import torch
 
-    from pipeline_steps.common.base_model import sdpa_without_cudnn
+    out: list[np.ndarray] = []
+    for lo in range(0, len(states), batch_size):
+        rows = _response_logit_rows(model, tokenizer, states, responses, temperature, lo, batch_size)
+        for r, row in zip(responses[lo : lo + batch_size], rows):
+            ids = torch.tensor(list(r), dtype=torch.long, device=row.device)
+            out.append(row.gather(-1, ids[:, None])[:, 0].cpu().numpy().astype(np.float64))
+    return out
+
+
+def response_token_kls(model: Any, reference_model: Any, tokenizer: Any, states: Sequence[str],
+                       responses: Sequence[Sequence[int]], temperature: float, batch_size: int) -> list[np.ndarray]:
+    """Exact ``KL(policy(.|prefix) || reference(.|prefix))`` over the vocabulary at each token of each response.
+
+    Summed over a response sampled from ``policy``, this is the Rao-Blackwellised estimate of the sequence KL
+    (Amini et al., 2025, "Better Estimation of the KL Divergence Between Language Models"): the same expectation
+    as the sampled log-ratio ``sum(log pi - log pi_ref)``, never negative and of lower variance, so a few held-out
+    states give a usable number. ``model`` (the policy that sampled ``responses``) and ``reference_model`` are
+    causal LMs sharing ``tokenizer``.
+    """
+    import torch
 
     out: list[np.ndarray] = []
     for lo in range(0, len(states), batch_size):
-        seqs, starts = [], []
-        for s, r in zip(states[lo : lo + batch_size], responses[lo : lo + batch_size]):
-            q = tokenizer(s, add_special_tokens=False)["input_ids"]
-            seqs.append(q + list(r))
-            starts.append(len(q))
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(seqs):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        with torch.inference_mode(), sdpa_without_cudnn():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float() / temperature
-            # on the model's device: only (batch, length) log-probs travel, not the vocabulary's logits
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
-        for i, (x, st) in enumerate(zip(seqs, starts)):
-            out.append(logp[i, st - 1 : len(x) - 1].numpy().astype(np.float64))
+        rows_p = _response_logit_rows(model, tokenizer, states, responses, temperature, lo, batch_size)
+        rows_r = _response_logit_rows(reference_model, tokenizer, states, responses, temperature, lo, batch_size)
+        with torch.inference_mode():
+            for a, b in zip(rows_p, rows_r):
+                pa = a.exp()  # a token pi cannot emit adds nothing (0 * -inf would be NaN)
+                kl = torch.where(pa > 0, pa * (a - b.to(a.device)), 0.0).sum(-1).clamp_min(0.0)  # clamp: round-off
+                out.append(kl.cpu().numpy().astype(np.float64))
     return out
 
 
 def kl_per_token(policy: Any, reference: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
                  batch_size: int) -> float:
-    """Per-token ``KL(policy || reference)``: ``sum(log pi - log pi_ref) / tokens`` over ``policy``'s own samples.
-
-    A Monte-Carlo estimate (unbiased, noisy with few states), at ``policy``'s sampling temperature: the
+    """Per-token ``KL(policy || reference)`` along ``policy``'s own samples ``responses`` (exact over the
+    vocabulary at each position, :func:`response_token_kls`), at ``policy``'s sampling temperature: the
     distribution that is deployed. ``policy``/``reference`` are loaded policies (``.model``, ``.tokenizer``).
     """
     t = policy.temperature or 1.0
-    lp = response_logprobs(policy.model, policy.tokenizer, states, responses, t, batch_size)
-    lp_ref = response_logprobs(reference.model, reference.tokenizer, states, responses, t, batch_size)
-    tokens = sum(len(x) for x in lp)
-    return float(sum(float((a - b).sum()) for a, b in zip(lp, lp_ref)) / max(tokens, 1))
+    kls = response_token_kls(policy.model, reference.model, policy.tokenizer, states, responses, t, batch_size)
+    tokens = sum(len(x) for x in kls)
+    return float(sum(float(x.sum()) for x in kls) / max(tokens, 1))
