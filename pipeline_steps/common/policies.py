@@ -351,10 +351,11 @@ def response_token_kls(model: Any, reference_model: Any, tokenizer: Any, states:
                        responses: Sequence[Sequence[int]], temperature: float, batch_size: int) -> list[np.ndarray]:
     """Exact ``KL(policy(.|prefix) || reference(.|prefix))`` over the vocabulary at each token of each response.
 
-    Summed over a response sampled from ``policy``, this is the Rao-Blackwellised estimate of the sequence KL
-    (Amini et al., 2025, "Better Estimation of the KL Divergence Between Language Models"): the same expectation
-    as the sampled log-ratio ``sum(log pi - log pi_ref)``, never negative and of lower variance, so a few held-out
-    states give a usable number. ``model`` (the policy that sampled ``responses``) and ``reference_model`` are
+    Summed over a response sampled from ``policy`` at ``temperature`` alone, this is the Rao-Blackwellised estimate
+    of the sequence KL (Amini et al., 2025, "Better Estimation of the KL Divergence Between Language Models"): the
+    same expectation as the sampled log-ratio ``sum(log pi - log pi_ref)``, never negative and of lower variance,
+    so a few held-out states give a usable number. Along replies of a sampler that also truncates (top-p) or
+    penalises repeats, both compare the two temperature distributions along those replies instead. ``model`` (the policy that sampled ``responses``) and ``reference_model`` are
     causal LMs sharing ``tokenizer``.
     """
     import torch
@@ -374,8 +375,9 @@ def response_token_kls(model: Any, reference_model: Any, tokenizer: Any, states:
 def kl_per_token(policy: Any, reference: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
                  batch_size: int) -> float:
     """Per-token ``KL(policy || reference)`` along ``policy``'s own samples ``responses`` (exact over the
-    vocabulary at each position, :func:`response_token_kls`), at ``policy``'s sampling temperature: the
-    distribution that is deployed. ``policy``/``reference`` are loaded policies (``.model``, ``.tokenizer``).
+    vocabulary at each position, :func:`response_token_kls`) between the two next-token distributions at
+    ``policy``'s sampling temperature (the deployed replies' top-p and repetition penalty are not applied to
+    them). ``policy``/``reference`` are loaded policies (``.model``, ``.tokenizer``).
     """
     t = policy.temperature or 1.0
     kls = response_token_kls(policy.model, reference.model, policy.tokenizer, states, responses, t, batch_size)
