@@ -81,8 +81,8 @@ def bench(params_file: str, returns: str, policy: str, reference: str, states: i
            "subset_states": n, "draws": draws, "temperature": t, "tokens_per_response": float(tokens.mean()),
            "exact": summary(exact), "sampled_log_ratio": summary(sampled), "seconds": seconds,
            "torch": torch.__version__, "threads": torch.get_num_threads()}
-    out["subset_variance_ratio_sampled_over_exact"] = (out["sampled_log_ratio"]["subset_std"] / out["exact"]["subset_std"]) ** 2 \
-        if out["exact"]["subset_std"] > 0 else None
+    std_exact, std_sampled = out["exact"]["subset_std"], out["sampled_log_ratio"]["subset_std"]
+    out["subset_variance_ratio_sampled_over_exact"] = (std_sampled / std_exact) ** 2 if std_exact > 0 else None
     return out
 
 

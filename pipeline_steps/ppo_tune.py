@@ -523,8 +523,8 @@ def save_policy(peft_model: Any, tokenizer: Any, generation_config: Any, stage: 
     half a bf16 step (~0.2% of the weight). Measured on one CPU iteration with ``base_model.dtype: bfloat16``:
     79% of the LoRA delta's entries were that small, the merged bf16 policy differed from pi_i's bf16 weights in
     11.4% of its entries, and the Theorem 1 check's KL(pi_{i+1} || pi_i) was -0.0003 per token against 0.0100 in
-    fp32 (the sampled log-ratio estimate the check used then). So for a bf16 pi_i the adapter is merged into pi_i reloaded in fp32 (``policy_path``). Loading that in
-    bf16 later rounds W + dW from off the grid, which keeps the update on average (a flip of one bf16 step with
+    fp32 (the sampled log-ratio estimate the check used then). So for a bf16 pi_i the adapter is merged into
+    pi_i reloaded in fp32 (``policy_path``). Loading that in bf16 later rounds W + dW from off the grid, which keeps the update on average (a flip of one bf16 step with
     probability |dW| / step): rerun on the same inputs, pi_{i+1} rounded to bf16 differed in 17.5% of its entries
     and the KL was 0.0016 (README, "A whole CPU iteration in bf16").
     """

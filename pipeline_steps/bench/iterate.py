@@ -545,7 +545,8 @@ def bench_iterate(params_path: str | Path, profiles: Sequence[str | Path], out: 
     meta = {
         "command": " ".join(["ippo bench iterate", *(f"--profile {p}" for p in profiles),
                              *([f"--iterations {iterations}"] if iterations else []), f"--out {os.path.relpath(out)}"]),
-        "machine": machine_description(), "date": datetime.now().strftime("%Y-%m-%d"), "commit": git_commit(Path(__file__).resolve().parent, short=True, mark_dirty=True),
+        "machine": machine_description(), "date": datetime.now().strftime("%Y-%m-%d"),
+        "commit": git_commit(Path(__file__).resolve().parent, short=True, mark_dirty=True),
         "wall_seconds": spent, "this_invocation_seconds": time.perf_counter() - t0,
         "conversations": params.evaluate.ab_conversations, "iterations": params.bench.iterations,
         "base_model": params.base_model.name_or_path, "follow_gates": params.bench.follow_gates,

@@ -17,7 +17,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -307,43 +307,47 @@ def load_policy(spec: str, params: Any, vertical: dict[str, Any], seed: int = 0)
     )
 
 
-def _response_logit_rows(model: Any, tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
-                         temperature: float, lo: int, batch_size: int) -> list[Any]:
-    """Log-softmax rows (at ``temperature``) that predict each response token of one right-padded batch."""
+def _response_batches(tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
+                      batch_size: int) -> Iterator[tuple[Any, Any, list[tuple[int, int]]]]:
+    """Right-padded (ids, mask) batches of state + response, with each row's response span (start, end)."""
+    import torch
+
+    for lo in range(0, len(states), batch_size):
+        seqs, spans = [], []
+        for s, r in zip(states[lo : lo + batch_size], responses[lo : lo + batch_size]):
+            q = tokenizer(s, add_special_tokens=False)["input_ids"]
+            seqs.append(q + list(r))
+            spans.append((len(q), len(q) + len(r)))
+        ids = torch.full((len(seqs), max(len(x) for x in seqs)), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        yield ids, mask, spans
+
+
+def _response_logit_rows(model: Any, ids: Any, mask: Any, spans: Sequence[tuple[int, int]],
+                         temperature: float) -> list[Any]:
+    """Log-softmax rows (at ``temperature``) that predict each response token of one batch."""
     import torch
 
     from pipeline_steps.common.base_model import sdpa_without_cudnn
 
-    seqs, starts = [], []
-    for s, r in zip(states[lo : lo + batch_size], responses[lo : lo + batch_size]):
-        q = tokenizer(s, add_special_tokens=False)["input_ids"]
-        seqs.append(q + list(r))
-        starts.append(len(q))
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(seqs):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.inference_mode(), sdpa_without_cudnn():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         # only the response positions are kept (their vocabulary rows), on the model's device
-        return [torch.log_softmax(logits[i, st - 1 : len(x) - 1].float() / temperature, dim=-1)
-                for i, (x, st) in enumerate(zip(seqs, starts))]
+        return [torch.log_softmax(logits[i, st - 1 : end - 1].float() / temperature, dim=-1)
+                for i, (st, end) in enumerate(spans)]
 
 
 def response_logprobs(model: Any, tokenizer: Any, states: Sequence[str], responses: Sequence[Sequence[int]],
                       temperature: float, batch_size: int) -> list[np.ndarray]:
     """Per-token log-probabilities (at ``temperature``) of each response given its state; right-padded batches."""
-    import torch
-
     out: list[np.ndarray] = []
-    for lo in range(0, len(states), batch_size):
-        rows = _response_logit_rows(model, tokenizer, states, responses, temperature, lo, batch_size)
-        for r, row in zip(responses[lo : lo + batch_size], rows):
-            ids = torch.tensor(list(r), dtype=torch.long, device=row.device)
-            out.append(row.gather(-1, ids[:, None])[:, 0].cpu().numpy().astype(np.float64))
+    for ids, mask, spans in _response_batches(tokenizer, states, responses, batch_size):
+        for i, ((st, end), row) in enumerate(zip(spans, _response_logit_rows(model, ids, mask, spans, temperature))):
+            tokens = ids[i, st:end].to(row.device)
+            out.append(row.gather(-1, tokens[:, None])[:, 0].cpu().numpy().astype(np.float64))
     return out
 
 
@@ -355,15 +359,16 @@ def response_token_kls(model: Any, reference_model: Any, tokenizer: Any, states:
     of the sequence KL (Amini et al., 2025, "Better Estimation of the KL Divergence Between Language Models"): the
     same expectation as the sampled log-ratio ``sum(log pi - log pi_ref)``, never negative and of lower variance,
     so a few held-out states give a usable number. Along replies of a sampler that also truncates (top-p) or
-    penalises repeats, both compare the two temperature distributions along those replies instead. ``model`` (the policy that sampled ``responses``) and ``reference_model`` are
-    causal LMs sharing ``tokenizer``.
+    penalises repeats, both compare the two temperature distributions along those replies instead. ``model``
+    (the policy that sampled ``responses``) and ``reference_model`` are causal LMs sharing ``tokenizer``; each
+    padded batch is built once and read by both.
     """
     import torch
 
     out: list[np.ndarray] = []
-    for lo in range(0, len(states), batch_size):
-        rows_p = _response_logit_rows(model, tokenizer, states, responses, temperature, lo, batch_size)
-        rows_r = _response_logit_rows(reference_model, tokenizer, states, responses, temperature, lo, batch_size)
+    for ids, mask, spans in _response_batches(tokenizer, states, responses, batch_size):
+        rows_p = _response_logit_rows(model, ids, mask, spans, temperature)
+        rows_r = _response_logit_rows(reference_model, ids, mask, spans, temperature)
         with torch.inference_mode():
             for a, b in zip(rows_p, rows_r):
                 pa = a.exp()  # a token pi cannot emit adds nothing (0 * -inf would be NaN)

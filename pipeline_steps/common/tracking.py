@@ -77,7 +77,8 @@ def git_commit(cwd: str | Path | None = None, short: bool = False, mark_dirty: b
 
     ``mark_dirty`` appends ``-dirty`` when tracked files differ from it; "unknown" outside a git checkout.
     """
-    cmd = ["git", "describe", "--always", "--exclude=*", *([] if short else ["--abbrev=40"]), *(["--dirty"] if mark_dirty else [])]
+    cmd = ["git", "describe", "--always", "--exclude=*", *([] if short else ["--abbrev=40"]),
+           *(["--dirty"] if mark_dirty else [])]
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
